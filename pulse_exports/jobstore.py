@@ -1,0 +1,333 @@
+"""Every read and write of ``export_jobs``: creation, the atomic claim, progress and outcomes."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from pulse_exports.catalog import ExportRequest
+
+ACTIVE = ("PENDING", "QUEUED", "RUNNING")
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "EXPIRED")
+MAX_ERROR_LENGTH = 2000
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """One row of export_jobs."""
+
+    id: uuid.UUID
+    tenant_id: str
+    export_type: str
+    format: str
+    compression: str
+    columns: list[str] | None
+    filters: dict[str, Any]
+    row_limit: int | None
+    options: dict[str, Any]
+    status: str
+    rows_done: int
+    rows_total: int | None
+    run_id: str | None
+    storage_location: str | None
+    manifest: dict[str, Any] | None
+    file_size_bytes: int | None
+    row_count: int | None
+    error: str | None
+    callback_url: str | None
+    created_by: str | None
+    idempotency_key: str | None
+    created_at: datetime
+    queued_at: datetime | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    expires_at: datetime | None
+    heartbeat_at: datetime | None
+    attempts: int
+
+    @property
+    def request(self) -> ExportRequest:
+        return ExportRequest(
+            tenant_id=self.tenant_id,
+            export_type=self.export_type,
+            format=self.format,
+            compression=self.compression,
+            columns=tuple(self.columns) if self.columns else None,
+            filters=self.filters,
+            row_limit=self.row_limit,
+            options=self.options,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (ids and times as strings)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = (
+                value.isoformat()
+                if isinstance(value, datetime)
+                else str(value)
+                if isinstance(value, uuid.UUID)
+                else value
+            )
+        return out
+
+
+_COLUMNS = sql.SQL(", ").join(sql.Identifier(f.name) for f in fields(ExportJob))
+
+
+def _q(text: str) -> sql.Composed:
+    """A query over export_jobs with ``{cols}`` standing for every ExportJob column."""
+    return sql.SQL(text).format(cols=_COLUMNS)  # type: ignore[arg-type]
+
+
+def _job(row: dict[str, Any] | None) -> ExportJob | None:
+    return ExportJob(**row) if row else None
+
+
+def parse_id(value: str | uuid.UUID) -> uuid.UUID | None:
+    """The UUID in ``value``, or None when it is not one (so callers answer 'not found')."""
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
+class JobStore:
+    """The export_jobs table, reached through short autocommit connections."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+
+    @contextmanager
+    def connect(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+        with psycopg.connect(self.database_url, autocommit=True, row_factory=dict_row) as conn:
+            yield conn
+
+    # -- creation and reads ---------------------------------------------------------------
+    def create(
+        self,
+        request: ExportRequest,
+        *,
+        callback_url: str | None = None,
+        created_by: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> tuple[ExportJob, bool]:
+        """Insert a PENDING job; with an idempotency key already used by this tenant, return that
+        job instead. Returns (job, created). Safe under concurrent requests with one key."""
+        with self.connect() as conn:
+            row = conn.execute(
+                _q("""
+                INSERT INTO export_jobs (tenant_id, export_type, format, compression, columns, filters,
+                                         row_limit, options, callback_url, created_by, idempotency_key)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+                RETURNING {cols}
+                """),
+                (
+                    request.tenant_id,
+                    request.export_type,
+                    request.format,
+                    request.compression,
+                    list(request.columns) if request.columns else None,
+                    Jsonb(dict(request.filters)),
+                    request.row_limit,
+                    Jsonb(dict(request.options)),
+                    callback_url,
+                    created_by,
+                    idempotency_key,
+                ),
+            ).fetchone()
+            if row:
+                return ExportJob(**row), True
+            existing = conn.execute(
+                _q("SELECT {cols} FROM export_jobs WHERE tenant_id = %s AND idempotency_key = %s"),
+                (request.tenant_id, idempotency_key),
+            ).fetchone()
+        job = _job(existing)
+        assert job is not None, "idempotency conflict without a row"
+        return job, False
+
+    def get(self, job_id: str | uuid.UUID, *, tenant_id: str | None = None) -> ExportJob | None:
+        """The job, or None; with ``tenant_id``, another tenant's job is None too."""
+        parsed = parse_id(job_id)
+        if parsed is None:
+            return None
+        with self.connect() as conn:
+            row = conn.execute(
+                _q("SELECT {cols} FROM export_jobs WHERE id = %s AND (%s::text IS NULL OR tenant_id = %s)"),
+                (parsed, tenant_id, tenant_id),
+            ).fetchone()
+        return _job(row)
+
+    def list_for_tenant(
+        self,
+        tenant_id: str,
+        *,
+        limit: int = 50,
+        before: tuple[datetime, uuid.UUID] | None = None,
+        statuses: Sequence[str] = (),
+        export_types: Sequence[str] = (),
+    ) -> list[ExportJob]:
+        """The tenant's jobs, newest first, keyset-paginated by (created_at, id)."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                _q("""
+                SELECT {cols} FROM export_jobs
+                WHERE tenant_id = %(t)s
+                  AND (%(bt)s::timestamptz IS NULL OR (created_at, id) < (%(bt)s, %(bi)s::uuid))
+                  AND (cardinality(%(st)s::text[]) = 0 OR status = ANY(%(st)s::text[]))
+                  AND (cardinality(%(et)s::text[]) = 0 OR export_type = ANY(%(et)s::text[]))
+                ORDER BY created_at DESC, id DESC LIMIT %(lim)s
+                """),
+                {
+                    "t": tenant_id,
+                    "bt": before[0] if before else None,
+                    "bi": before[1] if before else None,
+                    "st": list(statuses),
+                    "et": list(export_types),
+                    "lim": limit,
+                },
+            ).fetchall()
+        return [ExportJob(**r) for r in rows]
+
+    # -- the sensor -----------------------------------------------------------------------
+    def pending(self, limit: int, *, stale_queued_after: timedelta | None = None) -> list[ExportJob]:
+        """PENDING jobs oldest first, then QUEUED ones whose launch may have been lost."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                _q("SELECT {cols} FROM export_jobs WHERE status = 'PENDING' ORDER BY created_at LIMIT %s"),
+                (limit,),
+            ).fetchall()
+            if stale_queued_after is not None and len(rows) < limit:
+                rows += conn.execute(
+                    _q("""SELECT {cols} FROM export_jobs
+                        WHERE status = 'QUEUED' AND run_id IS NULL AND queued_at < now() - %s
+                        ORDER BY queued_at LIMIT %s"""),
+                    (stale_queued_after, limit - len(rows)),
+                ).fetchall()
+        return [ExportJob(**r) for r in rows]
+
+    def mark_queued(self, job_ids: Sequence[uuid.UUID]) -> int:
+        with self.connect() as conn:
+            cur = conn.execute(
+                "UPDATE export_jobs SET status = 'QUEUED', queued_at = now()"
+                " WHERE id = ANY(%s) AND status IN ('PENDING', 'QUEUED')",
+                (list(job_ids),),
+            )
+            return cur.rowcount
+
+    # -- the run --------------------------------------------------------------------------
+    def claim(self, job_id: str | uuid.UUID, run_id: str) -> ExportJob | None:
+        """Atomically move a PENDING/QUEUED job to RUNNING for this run. A second run for the
+        same export gets None (the row lock makes the two updates serial)."""
+        with self.connect() as conn:
+            row = conn.execute(
+                _q("""
+                UPDATE export_jobs
+                SET status = 'RUNNING', run_id = %s, started_at = now(), heartbeat_at = now(),
+                    attempts = attempts + 1, error = NULL, rows_done = 0
+                WHERE id = %s AND status IN ('PENDING', 'QUEUED')
+                RETURNING {cols}
+                """),
+                (run_id, parse_id(job_id)),
+            ).fetchone()
+        return _job(row)
+
+    def set_estimate(self, job_id: uuid.UUID, rows_total: int) -> None:
+        with self.connect() as conn:
+            conn.execute("UPDATE export_jobs SET rows_total = %s WHERE id = %s", (rows_total, job_id))
+
+    def record_progress(self, job_id: uuid.UUID, run_id: str, rows_done: int) -> bool:
+        """Write rows_done (and the heartbeat); False when the job is no longer this run's."""
+        with self.connect() as conn:
+            cur = conn.execute(
+                "UPDATE export_jobs SET rows_done = %s, heartbeat_at = now()"
+                " WHERE id = %s AND run_id = %s AND status = 'RUNNING'",
+                (rows_done, job_id, run_id),
+            )
+            return cur.rowcount == 1
+
+    def complete(
+        self,
+        job_id: uuid.UUID,
+        run_id: str,
+        *,
+        storage_location: str,
+        manifest: dict[str, Any],
+        row_count: int,
+        file_size_bytes: int,
+        retention: timedelta,
+    ) -> bool:
+        """RUNNING -> COMPLETED once the manifest is stored."""
+        with self.connect() as conn:
+            cur = conn.execute(
+                """
+                UPDATE export_jobs
+                SET status = 'COMPLETED', storage_location = %s, manifest = %s, row_count = %s,
+                    rows_done = %s, file_size_bytes = %s, completed_at = now(), heartbeat_at = now(),
+                    expires_at = now() + %s, error = NULL
+                WHERE id = %s AND run_id = %s AND status = 'RUNNING'
+                """,
+                (storage_location, Jsonb(manifest), row_count, row_count, file_size_bytes, retention, job_id, run_id),
+            )
+            return cur.rowcount == 1
+
+    def fail(self, job_id: uuid.UUID, reason: str, *, run_id: str | None = None) -> bool:
+        """Mark an unfinished job FAILED with a reason; with ``run_id``, only if it is that run's
+        (or not yet claimed). Terminal jobs are left as they are."""
+        with self.connect() as conn:
+            cur = conn.execute(
+                """
+                UPDATE export_jobs SET status = 'FAILED', error = %s, completed_at = now()
+                WHERE id = %s AND status IN ('PENDING', 'QUEUED', 'RUNNING')
+                  AND (%s::text IS NULL OR run_id IS NULL OR run_id = %s)
+                """,
+                (reason[:MAX_ERROR_LENGTH], job_id, run_id, run_id),
+            )
+            return cur.rowcount == 1
+
+    def cancel(self, job_id: uuid.UUID, *, run_id: str | None = None, reason: str | None = None) -> bool:
+        with self.connect() as conn:
+            cur = conn.execute(
+                """
+                UPDATE export_jobs SET status = 'CANCELLED', completed_at = now(), error = coalesce(%s, error)
+                WHERE id = %s AND status IN ('PENDING', 'QUEUED', 'RUNNING')
+                  AND (%s::text IS NULL OR run_id IS NULL OR run_id = %s)
+                """,
+                (reason, job_id, run_id, run_id),
+            )
+            return cur.rowcount == 1
+
+    # -- the purge ------------------------------------------------------------------------
+    def expired(self, limit: int = 500) -> list[ExportJob]:
+        with self.connect() as conn:
+            rows = conn.execute(
+                _q("""SELECT {cols} FROM export_jobs
+                    WHERE status = 'COMPLETED' AND expires_at <= now() ORDER BY expires_at LIMIT %s"""),
+                (limit,),
+            ).fetchall()
+        return [ExportJob(**r) for r in rows]
+
+    def mark_expired(self, job_id: uuid.UUID) -> bool:
+        with self.connect() as conn:
+            cur = conn.execute(
+                "UPDATE export_jobs SET status = 'EXPIRED' WHERE id = %s AND status = 'COMPLETED'", (job_id,)
+            )
+            return cur.rowcount == 1
+
+
+def manifest_json(manifest: dict[str, Any]) -> bytes:
+    return json.dumps(manifest, indent=2, sort_keys=False).encode("utf-8")

@@ -1,0 +1,220 @@
+"""The data path of one export: stream Arrow batches from the source query into part files,
+upload each finished part, and describe the result in a manifest.
+
+Memory is bounded by one batch plus the writer's buffers: rows never gather in Python.
+Finished parts are uploaded on a background thread while the next part is being written.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pulse_exports.catalog import ExportRequest
+from pulse_exports.formats import content_type, file_extension, open_part_writer, output_schema
+from pulse_exports.storage import ExportStore
+
+MANIFEST_NAME = "manifest.json"
+DEFAULT_BATCH_ROWS = 65_536
+DEFAULT_PART_MAX_ROWS = 5_000_000
+DEFAULT_PART_MAX_BYTES = 512 * 1024**2
+
+
+class ExportCancelled(RuntimeError):
+    """The job stopped being this run's (cancelled, or taken over) while it was running."""
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    index: int
+    key: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ExportOutcome:
+    """What one export wrote: its parts and totals."""
+
+    prefix: str
+    location: str
+    columns: list[dict[str, str]]
+    parts: list[PartInfo]
+    row_count: int
+    bytes: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def export_prefix(tenant_id: str, export_id: str) -> str:
+    """Where an export's objects live inside the store: ``<tenant_id>/<export_id>/``."""
+    return f"{tenant_id}/{export_id}/"
+
+
+def stream_query(source_url: str, query: str, batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
+    """Run the query with connectorx and return its rows as a stream of Arrow batches."""
+    import connectorx as cx
+
+    url = source_url.replace("postgres://", "postgresql://", 1)
+    return cx.read_sql(url, query, return_type="arrow_stream", batch_size=batch_rows)
+
+
+@dataclass
+class PartLimits:
+    max_rows: int = DEFAULT_PART_MAX_ROWS
+    max_bytes: int = DEFAULT_PART_MAX_BYTES
+
+
+def write_export(
+    reader: pa.RecordBatchReader,
+    *,
+    export_id: str,
+    request: ExportRequest,
+    store: ExportStore,
+    limits: PartLimits,
+    on_progress: Callable[[int], bool] | None = None,
+    workdir: Path | None = None,
+    progress_interval: float = 0.5,
+) -> ExportOutcome:
+    """Write every batch of ``reader`` into parts under the export's prefix (no manifest yet).
+
+    ``on_progress(rows_done)`` is called after batches (at most every ``progress_interval``
+    seconds) and after each part; when it returns False the export stops with ExportCancelled.
+    On any failure the parts already uploaded are deleted, so no half-export is left behind.
+    """
+    started = time.monotonic()
+    prefix = export_prefix(request.tenant_id, export_id)
+    ext = file_extension(request.format, request.compression)
+    ctype = content_type(request.format, request.compression)
+    neutralise = bool(request.options.get("neutralise_formulas", True))
+    schema = reader.schema
+    parts: list[PartInfo] = []
+    rows_done = 0
+    pending: Future[None] | None = None
+    last_progress = 0.0
+
+    def report(force: bool = False) -> None:
+        nonlocal last_progress
+        now = time.monotonic()
+        if on_progress is None or (not force and now - last_progress < progress_interval):
+            return
+        last_progress = now
+        if on_progress(rows_done) is False:
+            raise ExportCancelled("the export was cancelled or taken over by another run")
+
+    with tempfile.TemporaryDirectory(prefix="pulse-export-", dir=workdir) as tmp, ThreadPoolExecutor(1) as uploads:
+        writer = None
+        try:
+            # Clear what an earlier, crashed attempt may have left under this prefix.
+            store.delete_prefix(prefix)
+
+            def finish_part() -> None:
+                nonlocal writer, pending
+                assert writer is not None
+                result = writer.close()
+                index = len(parts)
+                path = Path(tmp) / f"part-{index:05d}.{ext}"
+                key = f"{prefix}part-{index:05d}.{ext}"
+                parts.append(PartInfo(index, key, result.rows, result.bytes, result.sha256))
+                writer = None
+                if pending is not None:
+                    pending.result()  # at most one upload in flight: bounded disk as well as memory
+
+                def upload() -> None:
+                    store.put_file(key, path, content_type=ctype)
+                    path.unlink(missing_ok=True)
+
+                pending = uploads.submit(upload)
+                report(force=True)
+
+            def new_writer() -> Any:
+                path = Path(tmp) / f"part-{len(parts):05d}.{ext}"
+                return open_part_writer(
+                    path, request.format, request.compression, schema, neutralise_formulas=neutralise
+                )
+
+            for batch in reader:
+                if batch.num_rows == 0:
+                    continue
+                offset = 0
+                while offset < batch.num_rows:
+                    if writer is None:
+                        writer = new_writer()
+                    room = limits.max_rows - writer.rows
+                    piece = batch.slice(offset, room) if batch.num_rows - offset > room else batch.slice(offset)
+                    writer.write(piece)
+                    offset += piece.num_rows
+                    rows_done += piece.num_rows
+                    if writer.rows >= limits.max_rows or writer.bytes_written >= limits.max_bytes:
+                        finish_part()
+                report()
+            if writer is not None or not parts:
+                if writer is None:
+                    writer = new_writer()  # an empty export still gets one valid (empty) file
+                finish_part()
+            if pending is not None:
+                pending.result()
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            if pending is not None:
+                pending.exception()  # wait for it; its own error is secondary to the one raised
+            discard_export(store, prefix)
+            raise
+    return ExportOutcome(
+        prefix=prefix,
+        location=store.uri(prefix),
+        columns=[{"name": n, "type": t} for n, t in output_schema(request.format, schema)],
+        parts=parts,
+        row_count=rows_done,
+        bytes=sum(p.bytes for p in parts),
+        seconds=time.monotonic() - started,
+    )
+
+
+def discard_export(store: ExportStore, prefix: str) -> None:
+    """Remove everything an unfinished export wrote, including unfinished multipart uploads."""
+    store.delete_prefix(prefix)
+    store.abort_multipart_uploads(prefix)
+
+
+def write_manifest(
+    store: ExportStore, export_id: str, request: ExportRequest, outcome: dict[str, Any]
+) -> dict[str, Any]:
+    """Write manifest.json, last: its presence is what makes an export complete."""
+    manifest = build_manifest(export_id, request, outcome)
+    body = json.dumps(manifest, indent=2).encode("utf-8")
+    store.put_bytes(outcome["prefix"] + MANIFEST_NAME, body, content_type="application/json")
+    return manifest
+
+
+def build_manifest(export_id: str, request: ExportRequest, outcome: dict[str, Any]) -> dict[str, Any]:
+    """The manifest: parts with rows, bytes and sha256; columns and types; format; created_at."""
+    return {
+        "version": 1,
+        "export_id": export_id,
+        "tenant_id": request.tenant_id,
+        "export_type": request.export_type,
+        "format": request.format,
+        "compression": request.compression,
+        "columns": outcome["columns"],
+        "filters": dict(request.filters),
+        "row_limit": request.row_limit,
+        "row_count": outcome["row_count"],
+        "bytes": outcome["bytes"],
+        "location": outcome["location"],
+        "parts": [{**p, "file": p["key"].rsplit("/", 1)[-1]} for p in outcome["parts"]],
+        "created_at": datetime.now(timezone.utc).isoformat(),
+    }

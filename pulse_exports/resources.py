@@ -1,0 +1,78 @@
+"""Dagster resources: the job database (and source), the export store and run settings."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import dagster as dg
+import psycopg
+from pydantic import Field
+
+from pulse_exports.catalog import Catalog, OperatorTable
+from pulse_exports.jobstore import JobStore
+from pulse_exports.storage import ExportStore, store_from_url
+
+
+class PulseDatabase(dg.ConfigurableResource):
+    """The PostgreSQL that holds export_jobs, and the source database the rows come from."""
+
+    url: str = Field(description="PULSE_DATABASE_URL: the database with export_jobs.")
+    source_url: str | None = Field(default=None, description="PULSE_SOURCE_DATABASE_URL; unset means the job database.")
+    export_tables: str | None = Field(
+        default=None, description="PULSE_EXPORT_TABLES: a JSON list of operator tables; unset reads the env."
+    )
+
+    def jobs(self) -> JobStore:
+        return JobStore(self.url)
+
+    def source(self) -> str:
+        return self.source_url or os.environ.get("PULSE_SOURCE_DATABASE_URL") or self.url
+
+    def catalog(self) -> Catalog:
+        """The catalog, with operator tables resolved against the source database's columns."""
+        tables = OperatorTable.parse_all(
+            self.export_tables if self.export_tables is not None else os.environ.get("PULSE_EXPORT_TABLES")
+        )
+        if not tables:
+            return Catalog.load()
+        with psycopg.connect(self.source()) as conn:
+            return Catalog.load(conn, tables)
+
+
+class ExportStorage(dg.ConfigurableResource):
+    """Where export files go: ``s3://bucket/prefix`` or ``file:///path``.
+
+    Endpoint and credentials left unset come from the environment at use
+    (PULSE_S3_ENDPOINT_URL / AWS_ENDPOINT_URL, and boto3's usual AWS_* variables).
+    """
+
+    url: str = Field(description="PULSE_STORAGE_URL")
+    endpoint_url: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    region_name: str | None = None
+
+    def get_store(self) -> ExportStore:
+        return store_from_url(
+            self.url,
+            endpoint_url=self.endpoint_url,
+            access_key_id=self.access_key_id,
+            secret_access_key=self.secret_access_key,
+            region_name=self.region_name,
+        )
+
+
+class ExportSettings(dg.ConfigurableResource):
+    """Knobs of the export runs; per-request options override the part sizes."""
+
+    part_max_rows: int = 5_000_000
+    part_max_bytes: int = 512 * 1024**2
+    batch_rows: int = 65_536
+    retention_hours: int = 7 * 24
+    sensor_batch_size: int = 200
+    workdir: str | None = Field(default=None, description="Local scratch for parts before upload.")
+
+    @property
+    def retention(self) -> timedelta:
+        return timedelta(hours=self.retention_hours)
