@@ -5,7 +5,6 @@ already taken, finished or cancelled) skips the rest and ends cleanly. Any error
 FAILED with a short reason before the run fails.
 """
 
-from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator

@@ -22,8 +22,8 @@ class LocalRun:
 
 def tick_export_sensor(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[dg.RunRequest]:
     """Evaluate export_jobs_sensor once and register the partitions it asks for."""
-    context = dg.build_sensor_context(instance=instance, definitions=defs)
-    result = export_jobs_sensor(context)
+    with dg.build_sensor_context(instance=instance, definitions=defs, resources=dict(defs.resources or {})) as context:
+        result = export_jobs_sensor(context)
     if not isinstance(result, dg.SensorResult):
         return []
     for request in result.dynamic_partitions_requests or []:

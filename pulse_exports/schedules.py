@@ -1,6 +1,5 @@
 """The purge job and its hourly schedule."""
 
-from __future__ import annotations
 
 import dagster as dg
 

@@ -1,6 +1,5 @@
 """Sensors: turn PENDING export_jobs rows into runs, and write back runs that end outside op code."""
 
-from __future__ import annotations
 
 import uuid
 from datetime import timedelta
