@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from pulse_exports.cli import main
+from pulse_exports.definitions import build_definitions
 from pulse_exports.embedded import EmbeddedPostgres
 from pulse_exports.local_runs import run_pending_exports
-from pulse_exports.definitions import build_definitions
 from pulse_exports.resources import ExportStorage, PulseDatabase
 
 

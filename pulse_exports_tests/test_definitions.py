@@ -14,7 +14,11 @@ def test_definitions_snapshot() -> None:
     assert sorted(sensors) == ["export_jobs_sensor", "export_run_canceled_sensor", "export_run_failure_sensor"]
     assert all(s.default_status == dg.DefaultSensorStatus.RUNNING for s in sensors.values())
     (schedule,) = repo.schedule_defs
-    assert (schedule.name, schedule.cron_schedule, schedule.job_name) == ("purge_job_schedule", "0 * * * *", "purge_job")
+    assert (schedule.name, schedule.cron_schedule, schedule.job_name) == (
+        "purge_job_schedule",
+        "0 * * * *",
+        "purge_job",
+    )
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
 
 

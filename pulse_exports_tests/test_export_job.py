@@ -115,8 +115,8 @@ def test_devices_export_keeps_columns_chosen_and_lists(exports: ExportHarness) -
     rows = all_rows(exports.store, done.manifest)
     with psycopg.connect(exports.database_url) as conn:
         expected = conn.execute(
-            "SELECT r.device_id, r.tags, s.status FROM device_registry r JOIN device_state s USING (tenant_id, device_id)"
-            " WHERE r.tenant_id = %s ORDER BY r.device_id",
+            "SELECT r.device_id, r.tags, s.status FROM device_registry r"
+            " JOIN device_state s USING (tenant_id, device_id) WHERE r.tenant_id = %s ORDER BY r.device_id",
             (TENANT,),
         ).fetchall()
     assert [(r["device_id"], r["tags"], r["status"]) for r in rows] == [tuple(e) for e in expected]

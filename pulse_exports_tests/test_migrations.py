@@ -22,7 +22,8 @@ def test_row_level_security_hides_other_tenants_jobs(fresh_database_url: str) ->
     migrations.upgrade(fresh_database_url)
     with psycopg.connect(fresh_database_url, autocommit=True) as conn:
         conn.execute(
-            "INSERT INTO export_jobs (tenant_id, export_type, format) VALUES ('a', 'devices', 'csv'), ('b', 'devices', 'csv')"
+            "INSERT INTO export_jobs (tenant_id, export_type, format)"
+            " VALUES ('a', 'devices', 'csv'), ('b', 'devices', 'csv')"
         )
         conn.execute("CREATE ROLE pulse_app_t NOLOGIN")
         conn.execute("GRANT SELECT, INSERT ON export_jobs TO pulse_app_t")
