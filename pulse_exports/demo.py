@@ -82,7 +82,7 @@ def run_demo(home: Path, *, telemetry_rows: int = 1_000_000) -> int:
         print(f"submitted:    {job.export_type} as {job.format} ({job.compression}) -> export {job.id}")
     defs = build_definitions(database=database, storage=ExportStorage(url=os.environ["PULSE_STORAGE_URL"]))
     with dg.DagsterInstance.get() as instance:
-        runs = run_pending_exports(defs, instance)
+        runs = run_pending_exports(defs, instance, log_level="INFO")
     ok = True
     print()
     for export_id in submitted:

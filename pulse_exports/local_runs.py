@@ -32,18 +32,26 @@ def tick_export_sensor(defs: dg.Definitions, instance: dg.DagsterInstance) -> li
     return [r for r in result.run_requests or [] if isinstance(r, dg.RunRequest)]
 
 
-def execute_export_run(defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest) -> LocalRun:
+def execute_export_run(
+    defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest, *, log_level: str = "DEBUG"
+) -> LocalRun:
     """Execute one requested export run in process (raising nothing: failures are in the run)."""
     key = request.partition_key
     assert key is not None
     if not instance.has_dynamic_partition(exports_partitions.name, key):
         instance.add_dynamic_partitions(exports_partitions.name, [key])
     result = defs.get_job_def("export_job").execute_in_process(
-        instance=instance, partition_key=key, tags=dict(request.tags), raise_on_error=False
+        instance=instance,
+        partition_key=key,
+        tags=dict(request.tags),
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+        raise_on_error=False,
     )
     return LocalRun(export_id=key, run_id=result.run_id, success=result.success)
 
 
-def run_pending_exports(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[LocalRun]:
+def run_pending_exports(
+    defs: dg.Definitions, instance: dg.DagsterInstance, *, log_level: str = "DEBUG"
+) -> list[LocalRun]:
     """One sensor tick, then each run it requested, in order."""
-    return [execute_export_run(defs, instance, r) for r in tick_export_sensor(defs, instance)]
+    return [execute_export_run(defs, instance, r, log_level=log_level) for r in tick_export_sensor(defs, instance)]
