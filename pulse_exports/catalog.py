@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import tuple_row
 
 from pulse_exports.formats import COMPRESSIONS, FORMATS
 
@@ -239,11 +240,20 @@ class ExportRequest:
 
 @dataclass(frozen=True)
 class QueryPlan:
-    """The SQL for one export and the columns it returns, in order."""
+    """The SQL for one export and the columns it returns, in order.
+
+    ``metric_columns`` are the (key, PostgreSQL type) pairs flattened from the metrics jsonb. When
+    ``metrics_sampled`` is true they were read from a sample of the rows: the query casts them
+    strictly (a value of another JSON type fails it), and the export is right only if
+    ``unplanned_keys_query`` (when set) returns false: no row has a key the sample lacked.
+    """
 
     query: str
     count_query: str
     columns: tuple[str, ...]
+    metric_columns: tuple[tuple[str, str], ...] = ()
+    metrics_sampled: bool = False
+    unplanned_keys_query: str | None = None
 
 
 class Catalog:
@@ -367,29 +377,87 @@ class Catalog:
         return clean
 
     # -- query composition ----------------------------------------------------------------
-    def plan(self, conn: psycopg.Connection[Any], request: ExportRequest) -> QueryPlan:
-        """Compose the export's SELECT (and a cheap COUNT for the estimate) for this tenant."""
+    def plan(
+        self, conn: psycopg.Connection[Any], request: ExportRequest, *, metric_sample_rows: int | None = None
+    ) -> QueryPlan:
+        """Compose the export's SELECT (and a cheap COUNT for the estimate) for this tenant.
+
+        With ``metric_sample_rows``, metric columns are typed from that many rows when the export
+        has more and the sample settles every type (``metrics_sampled``); the caller must then treat
+        a failed query or a true ``unplanned_keys_query`` as "plan again without a sample". Without
+        it, every row of the export is read first.
+        """
         etype = self.types[request.export_type]
         where = self._where(etype, request)
         selected = list(request.columns) if request.columns else list(etype.columns)
         items = [sql.SQL("{} AS {}").format(etype.columns[c], sql.Identifier(c)) for c in selected]
         names = list(selected)
-        if etype.metrics_column is not None and (request.columns is None or "metric_names" in request.filters):
-            for key, pg_type in self.metric_keys(conn, etype, request, where):
-                if key in names:
-                    continue
-                value = sql.SQL("({} ->> {})").format(etype.metrics_column, sql.Literal(key))
+        metric_columns: list[tuple[str, str]] = []
+        sampled, unplanned_keys = False, None
+        if self._flattens_metrics(etype, request):
+            assert etype.metrics_column is not None
+            kinds = None
+            if metric_sample_rows is not None and self._has_more_rows(conn, etype, request, where, metric_sample_rows):
+                kinds = self._metric_kinds(conn, etype, request, where, sample_rows=metric_sample_rows)
+                if not _sample_settles_types(kinds):
+                    kinds = None
+            sampled = kinds is not None
+            if kinds is None:
+                kinds = self._metric_kinds(conn, etype, request, where)
+            metric_columns = _metric_columns(names, _typed_keys(kinds, request))
+            for key, pg_type in metric_columns:
+                if sampled and pg_type in _STRICT_CASTS:
+                    # jsonb -> double precision/boolean refuses strings and other JSON types, where
+                    # ->> text would convert "12" or "yes": a sample's type is never silently wrong.
+                    value = sql.SQL("({} -> {})").format(etype.metrics_column, sql.Literal(key))
+                else:
+                    value = sql.SQL("({} ->> {})").format(etype.metrics_column, sql.Literal(key))
                 expr = sql.SQL("{}::{}").format(value, sql.SQL(pg_type)) if pg_type != "text" else value
                 items.append(sql.SQL("{} AS {}").format(expr, sql.Identifier(key)))
                 names.append(key)
+            if sampled and not request.filters.get("metric_names"):
+                source, metrics, rows_where = self._exported_rows(etype, request, where)
+                unplanned_keys = sql.SQL(
+                    "SELECT EXISTS (SELECT 1 FROM {} WHERE {} AND ({} - {}::text[]) <> '{{}}'::jsonb)"
+                ).format(source, rows_where, metrics, sql.Literal(sorted(key for key, _ in kinds)))
         query = sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {}").format(
             sql.SQL(", ").join(items), etype.source, where, sql.SQL(", ").join(etype.order_by)
         )
-        count = sql.SQL("SELECT 1 FROM {} WHERE {}").format(etype.source, where)
+        count = _count_query(etype, where, request)
         if request.row_limit is not None:
             query = sql.SQL("{} LIMIT {}").format(query, sql.Literal(request.row_limit))
-            count = sql.SQL("{} LIMIT {}").format(count, sql.Literal(request.row_limit))
-        return QueryPlan(query.as_string(conn), count.as_string(conn), tuple(names))
+        return QueryPlan(
+            query.as_string(conn),
+            count.as_string(conn),
+            tuple(names),
+            tuple(metric_columns),
+            metrics_sampled=sampled,
+            unplanned_keys_query=unplanned_keys.as_string(conn) if unplanned_keys is not None else None,
+        )
+
+    @staticmethod
+    def _flattens_metrics(etype: ExportType, request: ExportRequest) -> bool:
+        return etype.metrics_column is not None and (request.columns is None or "metric_names" in request.filters)
+
+    def _has_more_rows(
+        self, conn: psycopg.Connection[Any], etype: ExportType, request: ExportRequest, where: sql.Composable, n: int
+    ) -> bool:
+        """Whether the export has more than ``n`` rows (reads at most n + 1 of them)."""
+        if request.row_limit is not None and request.row_limit <= n:
+            return False
+        query = sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {} WHERE {} LIMIT {}) AS head").format(
+            etype.source, where, sql.Literal(n + 1)
+        )
+        row = conn.execute(query).fetchone()
+        return bool(row and int(row[0]) > n)
+
+    def estimate_rows(self, conn: psycopg.Connection[Any], request: ExportRequest) -> int:
+        """The planner's estimate of an export's rows: EXPLAIN only, no scan (the API answers with it)."""
+        etype = self.types[request.export_type]
+        count = _count_query(etype, self._where(etype, request), request)
+        with conn.cursor(row_factory=tuple_row) as cur:
+            row = cur.execute(sql.SQL("EXPLAIN (FORMAT JSON) {}").format(count)).fetchone()
+        return int(row[0][0]["Plan"]["Plan Rows"]) if row else 0
 
     def _where(self, etype: ExportType, request: ExportRequest) -> sql.Composable:
         clauses: list[sql.Composable] = [sql.SQL("{} = {}").format(etype.tenant_column, sql.Literal(request.tenant_id))]
@@ -414,30 +482,109 @@ class Catalog:
             )
         return sql.SQL(" AND ").join(clauses)
 
-    def metric_keys(
-        self, conn: psycopg.Connection[Any], etype: ExportType, request: ExportRequest, where: sql.Composable
-    ) -> list[tuple[str, str]]:
-        """The metric keys present in this export's rows, each with a PostgreSQL type to cast to."""
+    def _exported_rows(
+        self, etype: ExportType, request: ExportRequest, where: sql.Composable, sample_rows: int | None = None
+    ) -> tuple[sql.Composable, sql.Composable, sql.Composable]:
+        """FROM item, metrics expression and WHERE of the rows whose keys become columns: the
+        export's rows (the first ``row_limit`` in export order), or the first ``sample_rows`` of them."""
         assert etype.metrics_column is not None
+        if request.row_limit is None and sample_rows is None:
+            return etype.source, etype.metrics_column, where
+        limit = min(n for n in (request.row_limit, sample_rows) if n is not None)
+        # A row limit exports the first rows in export order; a sample may be any rows (no sort).
+        order = (
+            sql.SQL(" ORDER BY {}").format(sql.SQL(", ").join(etype.order_by))
+            if request.row_limit is not None
+            else sql.SQL("")
+        )
+        source = sql.SQL("(SELECT {} AS metrics FROM {} WHERE {}{} LIMIT {}) AS exported").format(
+            etype.metrics_column, etype.source, where, order, sql.Literal(limit)
+        )
+        return source, sql.Identifier("exported", "metrics"), sql.SQL("true")
+
+    def _metric_kinds(
+        self,
+        conn: psycopg.Connection[Any],
+        etype: ExportType,
+        request: ExportRequest,
+        where: sql.Composable,
+        *,
+        sample_rows: int | None = None,
+    ) -> list[tuple[str, list[str]]]:
+        """Each metric key of the export's rows (or of a sample of them) with its JSON types."""
+        source, metrics, where = self._exported_rows(etype, request, where, sample_rows)
         wanted = request.filters.get("metric_names")
         if wanted:
             key_filter = sql.SQL("AND k.key = ANY({}::text[])").format(sql.Literal(list(wanted)))
         else:
             key_filter = sql.SQL("")
+        # One pass over the rows, grouped by (key, JSON type) in hash aggregates that PostgreSQL
+        # runs in its parallel workers. jsonb_object_keys plus a `->` lookup is about 5x cheaper
+        # than jsonb_each (which copies every value), and array_agg(DISTINCT ...) per key would
+        # sort all (key, type) pairs: 9.3 s -> 1.9 s for 2M rows.
         query = sql.SQL(
-            "SELECT k.key, array_agg(DISTINCT jsonb_typeof(k.value)) FROM {} , jsonb_each({}) AS k"
-            " WHERE {} {} GROUP BY k.key ORDER BY k.key LIMIT {}"
-        ).format(etype.source, etype.metrics_column, where, key_filter, sql.Literal(MAX_METRIC_COLUMNS + 1))
-        rows = conn.execute(query).fetchall()
-        keys = [(key, _pg_type(kinds)) for key, kinds in rows if _METRIC_NAME.match(key)]
-        if len(keys) > MAX_METRIC_COLUMNS:
-            raise ExportRequestError(
-                "filters.metric_names", f"more than {MAX_METRIC_COLUMNS} metric keys; choose some with metric_names"
-            )
-        if wanted:  # keep the requested order; requested keys with no data still get a (NULL) column
-            found = dict(keys)
-            return [(k, found.get(k, "double precision")) for k in wanted]
-        return keys
+            "SELECT key, array_agg(kind) FROM ("
+            "SELECT k.key, jsonb_typeof({metrics} -> k.key) AS kind"
+            " FROM {source}, jsonb_object_keys({metrics}) AS k(key) WHERE {where} {key_filter} GROUP BY 1, 2"
+            ") AS kinds GROUP BY key ORDER BY key LIMIT {limit}"
+        ).format(
+            metrics=metrics,
+            source=source,
+            where=where,
+            key_filter=key_filter,
+            limit=sql.Literal(MAX_METRIC_COLUMNS + 1),
+        )
+        return [(key, list(kinds)) for key, kinds in conn.execute(query).fetchall() if _METRIC_NAME.match(key)]
+
+    def metric_keys(
+        self, conn: psycopg.Connection[Any], etype: ExportType, request: ExportRequest, where: sql.Composable
+    ) -> list[tuple[str, str]]:
+        """The metric keys present in this export's rows, each with a PostgreSQL type to cast to."""
+        return _typed_keys(self._metric_kinds(conn, etype, request, where), request)
+
+
+_STRICT_CASTS = ("double precision", "boolean")
+
+
+def _typed_keys(kinds: Sequence[tuple[str, Sequence[str]]], request: ExportRequest) -> list[tuple[str, str]]:
+    """(key, PostgreSQL type) per key; requested keys keep their order, and get a (NULL) column
+    when no row has them."""
+    if len(kinds) > MAX_METRIC_COLUMNS:
+        raise ExportRequestError(
+            "filters.metric_names", f"more than {MAX_METRIC_COLUMNS} metric keys; choose some with metric_names"
+        )
+    keys = [(key, _pg_type(k)) for key, k in kinds]
+    wanted = request.filters.get("metric_names")
+    if wanted:
+        found = dict(keys)
+        return [(k, found.get(k, "double precision")) for k in wanted]
+    return keys
+
+
+def _sample_settles_types(kinds: Sequence[tuple[str, Sequence[str]]]) -> bool:
+    """Whether more rows could change a type only by failing a strict cast: true when every key
+    is a number, a boolean, or already text (strings or mixed types); not when a key is only
+    null so far, or an object/array (jsonb), which would become text on meeting a scalar."""
+    return all(_pg_type(k) in (*_STRICT_CASTS, "text") and set(k) - {"null"} for _, k in kinds)
+
+
+def _metric_columns(names: Sequence[str], keys: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The metric keys that become columns: each once, and none named like a selected column."""
+    seen = set(names)
+    columns = []
+    for key, pg_type in keys:
+        if key not in seen:
+            seen.add(key)
+            columns.append((key, pg_type))
+    return columns
+
+
+def _count_query(etype: ExportType, where: sql.Composable, request: ExportRequest) -> sql.Composed:
+    """A cheap row-count-shaped query of an export (no metric-key columns) for planner estimates."""
+    count = sql.SQL("SELECT 1 FROM {} WHERE {}").format(etype.source, where)
+    if request.row_limit is not None:
+        count = sql.SQL("{} LIMIT {}").format(count, sql.Literal(request.row_limit))
+    return count
 
 
 def _pg_type(kinds: Sequence[str | None]) -> str:

@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +77,7 @@ def export_types() -> None:
 
 
 @main.command()
-@click.option("--tenant", required=True)
+@click.option("--tenant", help="Required without PULSE_API_URL; through the API, the API key names the tenant.")
 @click.option("--type", "export_type", required=True)
 @click.option("--format", "fmt", default="csv", show_default=True)
 @click.option("--compression")
@@ -85,7 +87,7 @@ def export_types() -> None:
 @click.option("--option", "options", multiple=True, help="key=value, e.g. part_max_rows=100000.")
 @click.option("--idempotency-key")
 def submit(
-    tenant: str,
+    tenant: str | None,
     export_type: str,
     fmt: str,
     compression: str | None,
@@ -109,6 +111,22 @@ def submit(
             parsed_options[key] = json.loads(value)
         except json.JSONDecodeError:
             parsed_options[key] = value
+    if os.environ.get("PULSE_API_URL"):
+        with _through_api() as client:
+            created = client.create(
+                export_type,
+                format=fmt,
+                compression=compression,
+                columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None,
+                filters=parsed_filters,
+                row_limit=row_limit,
+                options=parsed_options or None,
+                idempotency_key=idempotency_key,
+            )
+        _echo_json(created.model_dump(mode="json"))
+        return
+    if not tenant:
+        raise click.UsageError("--tenant is required (or set PULSE_API_URL and PULSE_API_KEY to go through the API)")
     database = _database()
     try:
         request = database.catalog().validate(
@@ -132,6 +150,10 @@ def submit(
 @click.option("--tenant", help="Answer only if the export belongs to this tenant.")
 def status(export_id: str, tenant: str | None) -> None:
     """Print an export job as JSON."""
+    if os.environ.get("PULSE_API_URL"):
+        with _through_api() as client:
+            _echo_json(client.get(export_id).model_dump(mode="json"))
+        return
     job = _database().jobs().get(export_id, tenant_id=tenant)
     if job is None:
         raise click.ClickException(f"export {export_id} not found")
@@ -144,6 +166,14 @@ def status(export_id: str, tenant: str | None) -> None:
 @click.option("--tenant", help="Answer only if the export belongs to this tenant.")
 def download(export_id: str, out_dir: Path, tenant: str | None) -> None:
     """Fetch every part of a COMPLETED export and check each sha256 against the manifest."""
+    if os.environ.get("PULSE_API_URL"):
+        with _through_api() as client:
+            manifest = client.manifest(export_id)
+            for path, part in zip(client.download(export_id, out_dir), manifest.parts, strict=True):
+                click.echo(f"{path}  {part.rows} rows  {part.bytes} bytes  sha256 ok")
+        without_urls = manifest.model_dump(mode="json", exclude={"parts": {"__all__": {"url"}}})
+        (out_dir / "manifest.json").write_text(json.dumps(without_urls, indent=2))
+        return
     job = _database().jobs().get(export_id, tenant_id=tenant)
     if job is None:
         raise click.ClickException(f"export {export_id} not found")
@@ -187,6 +217,74 @@ def demo(home: Path, telemetry_rows: int) -> None:
     sys.exit(run_demo(home.resolve(), telemetry_rows=telemetry_rows))
 
 
+@main.group("api-key")
+def api_key() -> None:
+    """Keys of the product API: each belongs to one tenant and is stored hashed."""
+
+
+@api_key.command("create")
+@click.option("--tenant", required=True)
+@click.option("--name", help="What the key is for, shown in listings.")
+def api_key_create(tenant: str, name: str | None) -> None:
+    """Make a key for a tenant and print it as JSON: the secret is shown this once."""
+    try:
+        made = _api_keys().create(tenant, name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--tenant") from None
+    _echo_json({**made.key.to_dict(), "secret": made.secret})
+    click.echo("Store the secret now: only its hash is kept, it cannot be shown again.", err=True)
+
+
+@api_key.command("revoke")
+@click.argument("key_id_or_prefix")
+def api_key_revoke(key_id_or_prefix: str) -> None:
+    """Revoke a key, named by its id or its prefix (pex_xxxxxxxx); requests with it get 401 at once."""
+    revoked = _api_keys().revoke(key_id_or_prefix)
+    if revoked is None:
+        raise click.ClickException(f"no live API key {key_id_or_prefix!r}")
+    _echo_json(revoked.to_dict())
+
+
+@api_key.command("list")
+@click.option("--tenant")
+def api_key_list(tenant: str | None) -> None:
+    """Print the keys (never their secrets), live and revoked."""
+    _echo_json([k.to_dict() for k in _api_keys().list(tenant)])
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1))
+def serve(host: str, port: int, workers: int) -> None:
+    """Serve the product API (FastAPI under uvicorn), configured from the PULSE_* variables."""
+    import uvicorn
+
+    _env_url("PULSE_DATABASE_URL")
+    _env_url("PULSE_STORAGE_URL")
+    uvicorn.run("pulse_exports.api:create_app", factory=True, host=host, port=port, workers=workers)
+
+
+def _api_keys() -> Any:
+    from pulse_exports.apikeys import ApiKeyStore
+
+    return ApiKeyStore(_env_url("PULSE_DATABASE_URL"))
+
+
+@contextmanager
+def _through_api() -> Iterator[Any]:
+    """A client of the product API (PULSE_API_URL, PULSE_API_KEY); its error answers end the command."""
+    from pulse_exports.client import PulseExportsClient, PulseExportsError
+
+    if not os.environ.get("PULSE_API_KEY"):
+        raise click.UsageError("set PULSE_API_KEY too (make one with `pulse-exports api-key create`)")
+    try:
+        with PulseExportsClient.from_env() as client:
+            yield client
+    except PulseExportsError as exc:
+        raise click.ClickException(f"the API answered {exc.status_code}: {exc.detail}") from None
+
+
 def _database() -> Any:
     from pulse_exports.resources import PulseDatabase
 
@@ -205,6 +303,166 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@main.group("tenant-secret")
+def tenant_secret() -> None:
+    """The per-tenant secret that signs callbacks (X-Pulse-Signature); give it to the tenant's receiver."""
+
+
+@tenant_secret.command("show")
+@click.option("--tenant", required=True)
+def tenant_secret_show(tenant: str) -> None:
+    """Print the tenant's callback signing secret, creating it on first use."""
+    click.echo(_database().jobs().callback_secret(tenant))
+
+
+@tenant_secret.command("rotate")
+@click.option("--tenant", required=True)
+def tenant_secret_rotate(tenant: str) -> None:
+    """Replace the tenant's secret and print the new one; deliveries from now on use it."""
+    click.echo(_database().jobs().rotate_callback_secret(tenant))
+
+
+@main.group()
+def schedule() -> None:
+    """Recurring exports: one export job per cron tick, in the schedule's timezone."""
+
+
+def _schedules() -> Any:
+    from pulse_exports.recurring import ScheduleStore
+
+    return ScheduleStore(_env_url("PULSE_DATABASE_URL"))
+
+
+def _json_object(value: str | None, hint: str) -> Any:
+    try:
+        return json.loads(value) if value else None
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint=hint) from None
+
+
+@schedule.command("create")
+@click.option("--tenant", required=True)
+@click.option("--name", required=True, help="Unique per tenant.")
+@click.option("--cron", required=True, help='Five fields, e.g. "*/15 * * * *" or "0 6 * * mon-fri".')
+@click.option("--timezone", "tz", default="UTC", show_default=True, help="IANA name the cron is read in.")
+@click.option("--type", "export_type", required=True)
+@click.option("--format", "fmt", default="csv", show_default=True)
+@click.option("--compression")
+@click.option("--columns", help="Comma-separated column names.")
+@click.option("--filters", help='JSON object, e.g. {"time_range": "24h"}: relative ranges move with each tick.')
+@click.option("--row-limit", type=int)
+@click.option("--options", "options_json", help='JSON object, e.g. {"part_max_rows": 100000}.')
+@click.option("--expires-in", type=int, help="Seconds each export's files are kept.")
+@click.option("--callback-url", help="Told when each export ends (PULSE_CALLBACK_ALLOWLIST applies).")
+def schedule_create(
+    tenant: str,
+    name: str,
+    cron: str,
+    tz: str,
+    export_type: str,
+    fmt: str,
+    compression: str | None,
+    columns: str | None,
+    filters: str | None,
+    row_limit: int | None,
+    options_json: str | None,
+    expires_in: int | None,
+    callback_url: str | None,
+) -> None:
+    """Create a schedule and print it as JSON; its first export is at the next tick."""
+    from pulse_exports.netguard import Allowlist, validate_callback_url
+
+    options = dict(_json_object(options_json, "--options") or {})
+    if expires_in is not None:
+        options["expires_in"] = expires_in
+    database = _database()
+    try:
+        request = database.catalog().validate(
+            tenant_id=tenant,
+            export_type=export_type,
+            format=fmt,
+            compression=compression,
+            columns=columns,
+            filters=_json_object(filters, "--filters"),
+            row_limit=row_limit,
+            options=options,
+        )
+        checked_url = validate_callback_url(callback_url, Allowlist.from_env()) if callback_url else None
+        created = _schedules().create(
+            request, name=name, cron=cron, timezone=tz, callback_url=checked_url, created_by="cli"
+        )
+    except ExportRequestError as exc:
+        raise click.UsageError(f"invalid schedule: {exc}") from None
+    _echo_json(created.to_dict())
+
+
+@schedule.command("list")
+@click.option("--tenant", help="Only this tenant's schedules.")
+def schedule_list(tenant: str | None) -> None:
+    """Print the schedules as JSON, oldest first."""
+    _echo_json([s.to_dict() for s in _schedules().list_schedules(tenant, limit=10_000)])
+
+
+@schedule.command("show")
+@click.argument("schedule_id")
+@click.option("--tenant", help="Answer only if the schedule belongs to this tenant.")
+@click.option("--exports", "limit", default=20, show_default=True, type=click.IntRange(0, 1000), help="Recent jobs.")
+def schedule_show(schedule_id: str, tenant: str | None, limit: int) -> None:
+    """Print a schedule and its latest exports (id, tick, status) as JSON."""
+    store = _schedules()
+    found = store.get(schedule_id, tenant_id=tenant)
+    if found is None:
+        raise click.ClickException(f"schedule {schedule_id} not found")
+    exports = store.exports(found.id, limit=limit) if limit else []
+    _echo_json(
+        {
+            **found.to_dict(),
+            "exports": [
+                {
+                    "id": str(e.job.id),
+                    "scheduled_for": e.scheduled_for.isoformat(),
+                    "status": e.job.status,
+                    "row_count": e.job.row_count,
+                    "error": e.job.error,
+                }
+                for e in exports
+            ],
+        }
+    )
+
+
+def _echo_schedule(changed: Any, schedule_id: str) -> None:
+    if changed is None:
+        raise click.ClickException(f"schedule {schedule_id} not found")
+    _echo_json(changed.to_dict())
+
+
+@schedule.command("pause")
+@click.argument("schedule_id")
+@click.option("--tenant", help="Act only if the schedule belongs to this tenant.")
+def schedule_pause(schedule_id: str, tenant: str | None) -> None:
+    """Stop making exports; ticks while paused are skipped."""
+    _echo_schedule(_schedules().pause(schedule_id, tenant_id=tenant), schedule_id)
+
+
+@schedule.command("resume")
+@click.argument("schedule_id")
+@click.option("--tenant", help="Act only if the schedule belongs to this tenant.")
+def schedule_resume(schedule_id: str, tenant: str | None) -> None:
+    """Start again from the next tick (clears the error it was paused with)."""
+    _echo_schedule(_schedules().resume(schedule_id, tenant_id=tenant), schedule_id)
+
+
+@schedule.command("delete")
+@click.argument("schedule_id")
+@click.option("--tenant", help="Act only if the schedule belongs to this tenant.")
+def schedule_delete(schedule_id: str, tenant: str | None) -> None:
+    """Delete a schedule; the exports it made stay (no longer linked to it)."""
+    if not _schedules().delete(schedule_id, tenant_id=tenant):
+        raise click.ClickException(f"schedule {schedule_id} not found")
+    click.echo(f"deleted schedule {schedule_id}")
 
 
 if __name__ == "__main__":

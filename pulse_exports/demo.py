@@ -15,7 +15,7 @@ from pulse_exports.sample_data import is_seeded, seed_demo, tenant_name
 
 DEMO_DATABASE = "pulse"
 DEMO_EXPORTS = (
-    {"export_type": "telemetry", "format": "csv", "compression": "gzip", "filters": {"time_range": "30d"}},
+    {"export_type": "telemetry", "format": "csv", "compression": "gzip", "filters": {"time_range": "90d"}},
     {"export_type": "devices", "format": "parquet"},
 )
 

@@ -6,8 +6,9 @@ FAILED with a short reason before the run fails.
 """
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,14 @@ import dagster as dg
 import psycopg
 
 from pulse_exports.catalog import ExportRequestError
+from pulse_exports.heartbeat import Heartbeat
 from pulse_exports.jobstore import ExportJob
 from pulse_exports.pipeline import (
+    ConcurrentCheck,
     ExportCancelled,
+    ExportOutcome,
     PartLimits,
+    SourceQueryError,
     discard_export,
     export_prefix,
     stream_query,
@@ -29,6 +34,10 @@ from pulse_exports.redact import redact
 from pulse_exports.resources import ExportSettings, ExportStorage, PulseDatabase
 
 exports_partitions = dg.DynamicPartitionsDefinition(name="exports")
+
+# Metric columns are typed from this many rows, and checked against every row while the export
+# streams (extract_and_write): the first row no longer waits for a full pass over the metrics.
+METRIC_SAMPLE_ROWS = 10_000
 
 TAG_TENANT = "pulse/tenant"
 TAG_EXPORT_ID = "pulse/export_id"
@@ -73,7 +82,7 @@ def failing_job_on_error(database: PulseDatabase, export_id: str, run_id: str, s
 def claim_export(context: dg.OpExecutionContext, database: PulseDatabase) -> Iterator[dg.Output[dict]]:
     export_id = context.partition_key
     with failing_job_on_error(database, export_id, context.run_id, "claim"):
-        job = database.jobs().claim(export_id, context.run_id)
+        job = database.jobs().claim(export_id, context.run_id, parent_run_id=context.dagster_run.parent_run_id)
     if job is None:
         context.log.info(f"export {export_id} has nothing to claim (already running, done or cancelled)")
         return
@@ -82,19 +91,29 @@ def claim_export(context: dg.OpExecutionContext, database: PulseDatabase) -> Ite
 
 
 @dg.op(description="Compose the tenant-scoped query and estimate its rows.")
-def plan_export(context: dg.OpExecutionContext, claimed: dict, database: PulseDatabase) -> dict:
+def plan_export(
+    context: dg.OpExecutionContext, claimed: dict, database: PulseDatabase, settings: ExportSettings
+) -> dict:
     export_id = claimed["export_id"]
-    with failing_job_on_error(database, export_id, context.run_id, "plan"):
+    with failing_job_on_error(database, export_id, context.run_id, "plan"), _heartbeat(database, settings, context):
         job = _job(database, export_id)
         catalog = database.catalog()
         with psycopg.connect(database.source()) as conn:
-            plan = catalog.plan(conn, job.request)
+            plan = catalog.plan(conn, job.request, metric_sample_rows=METRIC_SAMPLE_ROWS)
             estimate = _estimate_rows(conn, plan.count_query)
         if job.row_limit is not None:
             estimate = min(estimate, job.row_limit)
         database.jobs().set_estimate(job.id, estimate)
-    context.log.info(f"plan: {len(plan.columns)} columns, about {estimate} rows")
-    return {"export_id": export_id, "query": plan.query, "columns": list(plan.columns), "estimate": estimate}
+    sampled = " (metric columns from a sample, checked while exporting)" if plan.metrics_sampled else ""
+    context.log.info(f"plan: {len(plan.columns)} columns, about {estimate} rows{sampled}")
+    return {
+        "export_id": export_id,
+        "query": plan.query,
+        "columns": list(plan.columns),
+        "estimate": estimate,
+        "metrics_sampled": plan.metrics_sampled,
+        "unplanned_keys_query": plan.unplanned_keys_query,
+    }
 
 
 @dg.op(description="Stream the rows with connectorx into part files in the export store.")
@@ -107,23 +126,26 @@ def extract_and_write(
 ) -> dict:
     export_id = plan["export_id"]
     run_id = context.run_id
-    with failing_job_on_error(database, export_id, run_id, "extract"):
+    with failing_job_on_error(database, export_id, run_id, "extract"), _heartbeat(database, settings, context) as beat:
         job = _job(database, export_id)
         jobs = database.jobs()
         limits = PartLimits(
             max_rows=int(job.options.get("part_max_rows", settings.part_max_rows)),
             max_bytes=int(job.options.get("part_max_bytes", settings.part_max_bytes)),
         )
-        reader = stream_query(database.source(), plan["query"], settings.batch_rows)
-        outcome = write_export(
-            reader,
-            export_id=export_id,
-            request=job.request,
-            store=storage.get_store(),
-            limits=limits,
-            on_progress=lambda rows: jobs.record_progress(job.id, run_id, rows),
-            workdir=Path(settings.workdir) if settings.workdir else None,
-        )
+
+        def export(query: str) -> ExportOutcome:
+            return write_export(
+                stream_query(database.source(), query, settings.batch_rows),
+                export_id=export_id,
+                request=job.request,
+                store=storage.get_store(),
+                limits=limits,
+                on_progress=lambda rows: not beat.lost and jobs.record_progress(job.id, run_id, rows),
+                workdir=Path(settings.workdir) if settings.workdir else None,
+            )
+
+        outcome = _export_checking_metric_columns(context, database, job, plan, export)
     context.log.info(f"wrote {outcome.row_count} rows in {len(outcome.parts)} parts, {outcome.bytes} bytes")
     return {"export_id": export_id, "outcome": outcome.to_dict()}
 
@@ -150,7 +172,7 @@ def finish_export(
                 manifest=manifest,
                 row_count=outcome["row_count"],
                 file_size_bytes=outcome["bytes"],
-                retention=settings.retention,
+                retention=_retention(job, settings),
             )
         except BaseException:
             discard_export(store, export_prefix(job.tenant_id, export_id))
@@ -177,6 +199,50 @@ def finish_export(
     context.log.info(f"export {export_id} COMPLETED: {outcome['row_count']} rows at {outcome['location']}")
 
 
+def _heartbeat(database: PulseDatabase, settings: ExportSettings, context: dg.OpExecutionContext) -> Heartbeat:
+    jobs, export_id, run_id = database.jobs(), uuid.UUID(context.partition_key), context.run_id
+    return Heartbeat(lambda: jobs.heartbeat(export_id, run_id), settings.heartbeat_interval_seconds)
+
+
+def _retention(job: ExportJob, settings: ExportSettings) -> timedelta:
+    """How long the files are kept: the request's expires_in (seconds), else the default."""
+    expires_in = job.options.get("expires_in")
+    return timedelta(seconds=int(expires_in)) if expires_in else settings.retention
+
+
+def _export_checking_metric_columns(
+    context: dg.OpExecutionContext,
+    database: PulseDatabase,
+    job: ExportJob,
+    plan: dict,
+    export: Callable[[str], ExportOutcome],
+) -> ExportOutcome:
+    """Export with the plan's query. When its metric columns came from a sample, look meanwhile
+    for a row with a key the sample lacked; if there is one, or the query failed (its strict casts
+    refuse a value of another type than the sample's), export again with columns from all rows."""
+    if not plan.get("metrics_sampled"):
+        return export(plan["query"])
+    check = None
+    if unplanned_keys := plan.get("unplanned_keys_query"):
+        check = ConcurrentCheck(database.source(), lambda conn: not conn.execute(unplanned_keys).fetchone()[0])
+    try:
+        try:
+            outcome: ExportOutcome | None = export(plan["query"])
+        except SourceQueryError as exc:
+            context.log.info(f"the sampled plan failed ({exc}): planning from every row")
+            outcome = None
+        if outcome is not None and (check is None or check.result()):
+            return outcome
+    finally:
+        if check is not None:
+            check.cancel()
+    if outcome is not None:
+        context.log.info("a row has a metric key the sample lacked: planning from every row")
+    with psycopg.connect(database.source()) as conn:
+        exact = database.catalog().plan(conn, job.request)
+    return export(exact.query)
+
+
 def _job(database: PulseDatabase, export_id: str) -> ExportJob:
     job = database.jobs().get(export_id)
     if job is None:
@@ -195,7 +261,11 @@ def _estimate_rows(conn: Any, count_query: str) -> int:
     # One process for the whole run: a run is one streaming loop, and a process per step
     # would add seconds of start-up to every export.
     executor_def=dg.in_process_executor,
-    tags={"dagster/max_runtime": str(6 * 3600)},
+    tags={
+        "dagster/max_runtime": str(6 * 3600),
+        # A retry of a crashed run starts from claim, which takes the job over from its parent.
+        "dagster/retry_strategy": "ALL_STEPS",
+    },
     description="Export one export_jobs row (the partition key is its id) to partitioned files.",
 )
 def export_job() -> None:

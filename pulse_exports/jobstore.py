@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
 
 from pulse_exports.catalog import ExportRequest
 
@@ -230,21 +232,51 @@ class JobStore:
             return cur.rowcount
 
     # -- the run --------------------------------------------------------------------------
-    def claim(self, job_id: str | uuid.UUID, run_id: str) -> ExportJob | None:
+    def claim(self, job_id: str | uuid.UUID, run_id: str, *, parent_run_id: str | None = None) -> ExportJob | None:
         """Atomically move a PENDING/QUEUED job to RUNNING for this run. A second run for the
-        same export gets None (the row lock makes the two updates serial)."""
+        same export gets None (the row lock makes the two updates serial). A Dagster retry of a
+        crashed run (``parent_run_id``) takes over the job its parent left RUNNING."""
         with self.connect() as conn:
             row = conn.execute(
                 _q("""
                 UPDATE export_jobs
-                SET status = 'RUNNING', run_id = %s, started_at = now(), heartbeat_at = now(),
+                SET status = 'RUNNING', run_id = %(run)s, started_at = now(), heartbeat_at = now(),
                     attempts = attempts + 1, error = NULL, rows_done = 0
-                WHERE id = %s AND status IN ('PENDING', 'QUEUED')
+                WHERE id = %(id)s
+                  AND (status IN ('PENDING', 'QUEUED')
+                       OR (%(parent)s::text IS NOT NULL AND status = 'RUNNING' AND run_id = %(parent)s))
                 RETURNING {cols}
                 """),
-                (run_id, parse_id(job_id)),
+                {"run": run_id, "id": parse_id(job_id), "parent": parent_run_id},
             ).fetchone()
         return _job(row)
+
+    def heartbeat(self, job_id: uuid.UUID, run_id: str) -> bool:
+        """Refresh heartbeat_at; False when the job is no longer this run's (cancelled, taken over)."""
+        with self.connect() as conn:
+            cur = conn.execute(
+                "UPDATE export_jobs SET heartbeat_at = now() WHERE id = %s AND run_id = %s AND status = 'RUNNING'",
+                (job_id, run_id),
+            )
+            return cur.rowcount == 1
+
+    def stale_running(self, older_than: timedelta, limit: int = 100) -> list[ExportJob]:
+        """RUNNING jobs whose worker has not written a heartbeat for ``older_than``."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                _q("""SELECT {cols} FROM export_jobs
+                    WHERE status = 'RUNNING' AND heartbeat_at < now() - %s ORDER BY heartbeat_at LIMIT %s"""),
+                (older_than, limit),
+            ).fetchall()
+        return [ExportJob(**r) for r in rows]
+
+    def note(self, job_id: uuid.UUID, run_id: str, message: str) -> None:
+        """Record a message on a RUNNING job without changing its status (e.g. a pending retry)."""
+        with self.connect() as conn:
+            conn.execute(
+                "UPDATE export_jobs SET error = %s WHERE id = %s AND run_id = %s AND status = 'RUNNING'",
+                (message[:MAX_ERROR_LENGTH], job_id, run_id),
+            )
 
     def set_estimate(self, job_id: uuid.UUID, rows_total: int) -> None:
         with self.connect() as conn:
@@ -328,6 +360,136 @@ class JobStore:
             )
             return cur.rowcount == 1
 
+    # -- the product API ------------------------------------------------------------------
+    def mark_launched(self, job_id: uuid.UUID, run_id: str) -> bool:
+        """PENDING/QUEUED -> QUEUED with the run the API launched through GraphQL, so a cancel can
+        terminate it before it starts. The claim overwrites run_id with the run that does the work."""
+        with self.connect() as conn:
+            cur = conn.execute(
+                "UPDATE export_jobs SET status = 'QUEUED', queued_at = coalesce(queued_at, now()), run_id = %s"
+                " WHERE id = %s AND status IN ('PENDING', 'QUEUED')",
+                (run_id, job_id),
+            )
+            return cur.rowcount == 1
+
+    # -- callbacks ------------------------------------------------------------------------
+    def claim_due_callbacks(self, limit: int, *, lease: timedelta, now: datetime | None = None) -> list[DueCallback]:
+        """Take up to ``limit`` due pending callbacks for one attempt each: the attempt is counted and the
+        row pushed ``lease`` into the future in one statement, so concurrent senders never take one twice."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                _q("""
+                UPDATE export_jobs
+                SET callback_attempts = callback_attempts + 1,
+                    callback_next_at = coalesce(%(now)s::timestamptz, now()) + %(lease)s
+                WHERE id IN (
+                    SELECT id FROM export_jobs
+                    WHERE callback_status = 'pending' AND callback_next_at <= coalesce(%(now)s::timestamptz, now())
+                      AND status IN ('COMPLETED', 'FAILED', 'CANCELLED')
+                    ORDER BY callback_next_at LIMIT %(limit)s
+                    FOR UPDATE SKIP LOCKED
+                )
+                RETURNING callback_attempts, {cols}
+                """),
+                {"now": now, "lease": lease, "limit": limit},
+            ).fetchall()
+        return [DueCallback(attempt=row.pop("callback_attempts"), job=ExportJob(**row)) for row in rows]
+
+    def record_callback_delivered(self, job_id: uuid.UUID, attempt: int) -> bool:
+        """pending -> delivered, if ``attempt`` is still the latest (a sender whose lease ran out writes nothing)."""
+        with self.connect() as conn:
+            cur = conn.execute(
+                "UPDATE export_jobs SET callback_status = 'delivered', callback_delivered_at = now(),"
+                " callback_next_at = NULL, callback_last_error = NULL"
+                " WHERE id = %s AND callback_status = 'pending' AND callback_attempts = %s",
+                (job_id, attempt),
+            )
+            return cur.rowcount == 1
+
+    def record_callback_failure(
+        self, job_id: uuid.UUID, attempt: int, error: str, *, retry_in: timedelta | None, now: datetime | None = None
+    ) -> bool:
+        """A failed attempt: due again ``retry_in`` from now, or with None, callback_status = failed for good."""
+        with self.connect() as conn:
+            cur = conn.execute(
+                """
+                UPDATE export_jobs
+                SET callback_status = CASE WHEN %(retry)s::interval IS NULL THEN 'failed' ELSE 'pending' END,
+                    callback_next_at = coalesce(%(now)s::timestamptz, now()) + %(retry)s::interval,
+                    callback_last_error = %(error)s
+                WHERE id = %(id)s AND callback_status = 'pending' AND callback_attempts = %(attempt)s
+                """,
+                {"retry": retry_in, "now": now, "error": error[:MAX_ERROR_LENGTH], "id": job_id, "attempt": attempt},
+            )
+            return cur.rowcount == 1
+
+    def callback_state(self, job_id: str | uuid.UUID) -> CallbackState | None:
+        with self.connect() as conn:
+            row = conn.execute(
+                "SELECT callback_status AS status, callback_attempts AS attempts, callback_next_at AS next_at,"
+                " callback_last_error AS last_error, callback_delivered_at AS delivered_at"
+                " FROM export_jobs WHERE id = %s",
+                (parse_id(job_id),),
+            ).fetchone()
+        return CallbackState(**row) if row else None
+
+    def callback_secret(self, tenant_id: str) -> str:
+        """The tenant's callback signing secret, created (random, 32 bytes) on first use."""
+        with self.connect() as conn:
+            conn.execute(
+                "INSERT INTO tenant_secrets (tenant_id, callback_secret) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                (tenant_id, secrets.token_urlsafe(32)),
+            )
+            row = conn.execute(
+                "SELECT callback_secret FROM tenant_secrets WHERE tenant_id = %s", (tenant_id,)
+            ).fetchone()
+        assert row is not None, "tenant secret vanished after insert"
+        return str(row["callback_secret"])
+
+    def rotate_callback_secret(self, tenant_id: str) -> str:
+        """Replace the tenant's secret; deliveries from now on are signed with the new one."""
+        with self.connect() as conn:
+            row = conn.execute(
+                "INSERT INTO tenant_secrets (tenant_id, callback_secret) VALUES (%s, %s)"
+                " ON CONFLICT (tenant_id) DO UPDATE SET callback_secret = EXCLUDED.callback_secret, rotated_at = now()"
+                " RETURNING callback_secret",
+                (tenant_id, secrets.token_urlsafe(32)),
+            ).fetchone()
+        assert row is not None
+        return str(row["callback_secret"])
+
+
+class PooledJobStore(JobStore):
+    """A JobStore whose connections come from a pool (the API answers many short requests)."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        super().__init__(pool.conninfo)
+        self.pool = pool
+
+    @contextmanager
+    def connect(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+        with self.pool.connection() as conn:
+            yield conn
+
 
 def manifest_json(manifest: dict[str, Any]) -> bytes:
     return json.dumps(manifest, indent=2, sort_keys=False).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class DueCallback:
+    """A claimed callback delivery: the job as it ended and the number of this attempt (1-based)."""
+
+    job: ExportJob
+    attempt: int
+
+
+@dataclass(frozen=True)
+class CallbackState:
+    """Where a job's callback delivery stands (status None: the job has no callback_url or has not ended)."""
+
+    status: str | None
+    attempts: int
+    next_at: datetime | None
+    last_error: str | None
+    delivered_at: datetime | None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -63,12 +63,37 @@ def export_prefix(tenant_id: str, export_id: str) -> str:
     return f"{tenant_id}/{export_id}/"
 
 
+class SourceQueryError(RuntimeError):
+    """The source database failed the export's query while its rows were streaming."""
+
+
 def stream_query(source_url: str, query: str, batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
     """Run the query with connectorx and return its rows as a stream of Arrow batches."""
     import connectorx as cx
 
     url = source_url.replace("postgres://", "postgresql://", 1)
-    return cx.read_sql(url, query, return_type="arrow_stream", batch_size=batch_rows)
+    reader = cx.read_sql(url, query, return_type="arrow_stream", batch_size=batch_rows)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        try:
+            yield from reader
+        except BaseException as exc:
+            # connectorx reports a query that fails mid-stream (e.g. a cast error) as pyo3's
+            # PanicException, a BaseException that `except Exception` would let through.
+            if type(exc).__name__ != "PanicException":
+                raise
+            raise SourceQueryError(f"connectorx: the source query failed: {_db_message(exc)}") from None
+
+    return pa.RecordBatchReader.from_batches(reader.schema, batches())
+
+
+def _db_message(exc: BaseException) -> str:
+    """PostgreSQL's own message out of connectorx's debug dump of the error, when it has one."""
+    text = str(exc)
+    marker = 'message: "'
+    if marker in text:
+        return text.split(marker, 1)[1].split('", ', 1)[0].replace('\\"', '"')
+    return text[:500]
 
 
 @dataclass
@@ -182,6 +207,45 @@ def write_export(
         bytes=sum(p.bytes for p in parts),
         seconds=time.monotonic() - started,
     )
+
+
+class ConcurrentCheck:
+    """Runs ``check(conn)`` on its own PostgreSQL connection, in a thread, while the rows stream.
+
+    A plan whose metric columns were typed from a sample is checked this way for a row with a key
+    the sample lacked: that pass over every row overlaps the export instead of delaying its first
+    row. The check's backend runs without parallel workers, leaving the other cores to the export.
+    """
+
+    def __init__(self, database_url: str, check: Callable[[Any], bool]) -> None:
+        self._url = database_url
+        self._check = check
+        self._conn: Any = None
+        self._cancelled = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="pulse-check")
+        self._future: Future[bool] = self._pool.submit(self._run)
+
+    def _run(self) -> bool:
+        import psycopg
+
+        with psycopg.connect(self._url, autocommit=True) as conn:
+            self._conn = conn
+            if self._cancelled:
+                raise ExportCancelled("check cancelled")
+            conn.execute("SET max_parallel_workers_per_gather = 0")
+            return self._check(conn)
+
+    def result(self) -> bool:
+        """Wait for the check; its errors are raised here."""
+        return self._future.result()
+
+    def cancel(self) -> None:
+        """Interrupt the check if it still runs, and wait for its thread."""
+        self._cancelled = True
+        if not self._future.done() and self._conn is not None:
+            self._conn.cancel_safe()
+        self._pool.shutdown(wait=True)
+        self._future.exception()  # a cancelled query's error is expected: retrieve it, do not raise it
 
 
 def discard_export(store: ExportStore, prefix: str) -> None:

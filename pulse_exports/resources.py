@@ -9,6 +9,7 @@ import dagster as dg
 import psycopg
 from pydantic import Field
 
+from pulse_exports.callbacks import CallbackPolicy
 from pulse_exports.catalog import Catalog, OperatorTable
 from pulse_exports.jobstore import JobStore
 from pulse_exports.storage import ExportStore, store_from_url
@@ -71,8 +72,29 @@ class ExportSettings(dg.ConfigurableResource):
     batch_rows: int = 65_536
     retention_hours: int = 7 * 24
     sensor_batch_size: int = 200
+    heartbeat_interval_seconds: float = 15.0
+    heartbeat_timeout_seconds: float = 120.0  # a RUNNING job silent this long has lost its worker
     workdir: str | None = Field(default=None, description="Local scratch for parts before upload.")
 
     @property
     def retention(self) -> timedelta:
         return timedelta(hours=self.retention_hours)
+
+
+class CallbackSettings(dg.ConfigurableResource):
+    """Signed callback delivery; a field left unset reads PULSE_CALLBACK_<FIELD> (see callbacks.CallbackPolicy)."""
+
+    allowlist: str | None = Field(default=None, description="PULSE_CALLBACK_ALLOWLIST: hostnames and/or CIDRs.")
+    api_public_url: str | None = Field(default=None, description="PULSE_API_PUBLIC_URL: base of download links.")
+    max_attempts: int | None = Field(default=None, description="Attempts per event (default 8).")
+    max_age_seconds: float | None = Field(default=None, description="Give up this long after the job ended (3600).")
+    backoff_base_seconds: float | None = None
+    backoff_cap_seconds: float | None = None
+    connect_timeout_seconds: float | None = None
+    timeout_seconds: float | None = Field(default=None, description="Deadline of one attempt (default 10).")
+    batch_size: int | None = None
+    concurrency: int | None = None
+    ca_bundle: str | None = Field(default=None, description="PEM file of CAs for https receivers (default certifi).")
+
+    def policy(self) -> CallbackPolicy:
+        return CallbackPolicy.from_env(**self.model_dump())

@@ -1,6 +1,5 @@
 """The purge job and its hourly schedule."""
 
-
 import dagster as dg
 
 from pulse_exports.jobs import exports_partitions

@@ -80,7 +80,14 @@ def s3_storage_url(s3_bucket: str) -> str:
     return f"s3://{s3_bucket}/exports"
 
 
-# Fixtures for export tests live in their own module; importing them here makes them visible.
+# Fixtures for export tests live in their own modules; importing them here makes them visible.
+# dagster_processes: real dagster-webserver/daemon processes and the API as a process (test_api_dagster.py).
+from pulse_exports_tests.dagster_processes import (  # noqa: E402, F401
+    api_process,
+    dagster_services,
+    module_database_url,
+    module_storage_url,
+)
 from pulse_exports_tests.export_fixtures import (  # noqa: E402, F401
     dagster_instance,
     exports,

@@ -120,6 +120,50 @@ def test_telemetry_metrics_become_typed_columns(catalog: Catalog, seeded_databas
     assert row is not None and isinstance(row[1], float) and row[2] is None
 
 
+def _add_late_odd_rows(conn: psycopg.Connection) -> None:
+    """Rows after every seeded one (in time and in the heap): a new key, and text in a numeric key."""
+    conn.execute(
+        "INSERT INTO telemetry (time, tenant_id, device_id, site_id, seq, metrics) VALUES"
+        " (now() + interval '1 day', %s, 'dev-late', 'site-0', 900001, '{\"co2\": 410}'),"
+        " (now() + interval '1 day', %s, 'dev-late', 'site-0', 900002, '{\"rssi\": \"n/a\"}')",
+        (TENANT, TENANT),
+    )
+
+
+def test_sampled_metric_columns_are_cast_strictly_and_checked_for_missed_keys(
+    catalog: Catalog, seeded_database_url: str
+) -> None:
+    request = catalog.validate(tenant_id=TENANT, export_type="telemetry")
+    with psycopg.connect(seeded_database_url, autocommit=True) as conn:
+        exact = catalog.plan(conn, request)
+        sampled = catalog.plan(conn, request, metric_sample_rows=100)
+        assert not exact.metrics_sampled and exact.unplanned_keys_query is None
+        assert sampled.metrics_sampled and sampled.unplanned_keys_query is not None
+        assert sampled.columns == exact.columns and sampled.metric_columns == exact.metric_columns
+        assert conn.execute(sampled.query).fetchall() == conn.execute(exact.query).fetchall()
+        assert conn.execute(sampled.unplanned_keys_query).fetchone() == (False,)
+        assert not catalog.plan(conn, request, metric_sample_rows=100_000).metrics_sampled  # the sample is all rows
+
+        _add_late_odd_rows(conn)
+        late = catalog.plan(conn, request, metric_sample_rows=100)
+        assert "co2" not in late.columns and ("rssi", "double precision") in late.metric_columns
+        assert late.unplanned_keys_query is not None
+        assert conn.execute(late.unplanned_keys_query).fetchone() == (True,)
+        with pytest.raises(psycopg.errors.InvalidParameterValue):  # "n/a" is no number: no silent NULL or cast
+            conn.execute(late.query).fetchall()
+        replanned = catalog.plan(conn, request)
+        assert "co2" in replanned.columns and ("rssi", "text") in replanned.metric_columns
+
+
+def test_row_limit_takes_metric_keys_from_the_exported_rows_only(catalog: Catalog, seeded_database_url: str) -> None:
+    with psycopg.connect(seeded_database_url, autocommit=True) as conn:
+        _add_late_odd_rows(conn)  # last in export order: beyond any small row limit
+        limited = catalog.plan(conn, catalog.validate(tenant_id=TENANT, export_type="telemetry", row_limit=50))
+        everything = catalog.plan(conn, catalog.validate(tenant_id=TENANT, export_type="telemetry"))
+    assert "co2" not in limited.columns and ("rssi", "double precision") in limited.metric_columns
+    assert "co2" in everything.columns
+
+
 def test_operator_table_is_exported_with_columns_from_the_database(seeded_database_url: str) -> None:
     with psycopg.connect(seeded_database_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE firmware_updates (tenant_id text, device_id text, version text, at timestamptz)")

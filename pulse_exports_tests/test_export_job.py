@@ -105,6 +105,37 @@ def test_small_part_size_gives_many_parts_with_matching_sha256(exports: ExportHa
         assert len(read_rows(body, "csv", "gzip")) == part["rows"]
 
 
+@pytest.mark.parametrize(
+    ("late_metrics", "rssi_type"),
+    [
+        ({"co2": 410}, "float64"),  # the export succeeds; the check finds the key the sample lacked
+        ({"rssi": "n/a"}, "string"),  # the sampled strict cast fails the query itself
+        ({"co2": 410, "rssi": "n/a"}, "string"),
+    ],
+)
+def test_metric_key_or_type_beyond_the_sample_still_gets_its_column(
+    exports: ExportHarness, monkeypatch: pytest.MonkeyPatch, late_metrics: dict[str, Any], rssi_type: str
+) -> None:
+    from pulse_exports import jobs
+
+    monkeypatch.setattr(jobs, "METRIC_SAMPLE_ROWS", 100)
+    with psycopg.connect(exports.database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO telemetry (time, tenant_id, device_id, site_id, seq, metrics)"
+            " VALUES (now() + interval '1 day', %s, 'dev-late', 'site-0', 900001, %s)",
+            (TENANT, json.dumps(late_metrics)),
+        )
+    job = exports.submit(tenant_id=TENANT, export_type="telemetry", format="csv")
+    exports.run_sensor_and_runs()
+    done = exports.jobs.get(job.id)
+    assert done is not None and done.status == "COMPLETED", done and done.error
+    rows = all_rows(exports.store, done.manifest)
+    assert rows[-1].get("co2") == ("410.0" if "co2" in late_metrics else None)
+    assert rows[-1]["rssi"] == str(late_metrics.get("rssi", ""))
+    assert {"name": "rssi", "type": rssi_type} in done.manifest["columns"]
+    assert len(rows) == len(source_telemetry(exports.database_url, TENANT))
+
+
 def test_devices_export_keeps_columns_chosen_and_lists(exports: ExportHarness) -> None:
     job = exports.submit(
         tenant_id=TENANT, export_type="devices", format="ndjson", columns=["device_id", "tags", "status"]

@@ -1,0 +1,242 @@
+"""The contenders and how one measurement of each is taken.
+
+Every contender exports the same tenant's rows and runs in its own process, measured by
+``bench.measure``: psql's ``\\copy`` (the practical limit), the naive fetch-all worker, and
+pulse_exports end to end (submit -> sensor tick -> run worker process -> parts -> manifest ->
+COMPLETED) for each format and store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.measure import run_measured
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Contender:
+    key: str
+    label: str
+    kind: str  # psql | naive | pulse
+    format: str = "csv"
+    compression: str | None = None
+    storage: str = "file"  # file | s3
+
+
+PSQL = Contender("psql", "psql \\copy CSV", "psql")
+NAIVE = Contender("naive", "naive: psycopg fetchall + csv.DictWriter", "naive")
+PULSE = [
+    Contender(f"pulse-{name}-{storage}", f"pulse_exports {label} -> {storage}", "pulse", fmt, compression, storage)
+    for storage in ("file", "s3")
+    for name, label, fmt, compression in (
+        ("csv", "CSV", "csv", "none"),
+        ("csvgz", "CSV gzip", "csv", "gzip"),
+        ("ndjson", "NDJSON", "ndjson", "none"),
+        ("parquet", "Parquet (zstd)", "parquet", "zstd"),
+    )
+]
+ALL = [PSQL, NAIVE, *PULSE]
+BY_KEY = {c.key: c for c in ALL}
+
+
+@dataclass
+class Target:
+    """The rows one scale exports: a tenant of a seeded database, optionally cut by a row limit."""
+
+    database_url: str
+    tenant: str
+    rows: int
+    row_limit: int | None
+    query: str  # the SELECT the catalog builds for this export (psql runs exactly this)
+
+
+@dataclass
+class Environment:
+    """What the contenders share within one benchmark invocation."""
+
+    workdir: Path
+    psql: Path
+    dagster_home: Path
+    s3: Any | None = None  # servers.S3Endpoint
+    s3_bucket: str = "pulse-bench"
+    _stores: dict[str, Any] = field(default_factory=dict)
+    _defs: dict[tuple[str, str], Any] = field(default_factory=dict)
+    _instance: Any = None
+
+    def storage_url(self, storage: str) -> str:
+        if storage == "s3":
+            return f"s3://{self.s3_bucket}/exports"
+        return (self.workdir / "store").as_uri()
+
+    def export_storage(self, storage: str) -> Any:
+        from pulse_exports.resources import ExportStorage
+
+        if storage == "s3":
+            if self.s3 is None:
+                raise RuntimeError("S3 contenders need an S3 endpoint")
+            return ExportStorage(
+                url=self.storage_url("s3"),
+                endpoint_url=self.s3.url,
+                access_key_id=self.s3.access_key_id,
+                secret_access_key=self.s3.secret_access_key,
+                region_name=self.s3.region_name,
+            )
+        return ExportStorage(url=self.storage_url("file"))
+
+    def store(self, storage: str) -> Any:
+        if storage not in self._stores:
+            self._stores[storage] = self.export_storage(storage).get_store()
+        return self._stores[storage]
+
+    def definitions(self, database_url: str, storage: str) -> Any:
+        """The Definitions the 'daemon' (this process) ticks the sensor with."""
+        from pulse_exports.definitions import build_definitions
+        from pulse_exports.resources import PulseDatabase
+
+        key = (database_url, storage)
+        if key not in self._defs:
+            self._defs[key] = build_definitions(
+                database=PulseDatabase(url=database_url), storage=self.export_storage(storage)
+            )
+        return self._defs[key]
+
+    def instance(self) -> Any:
+        import dagster as dg
+
+        if self._instance is None:
+            self._instance = dg.DagsterInstance.get()
+        return self._instance
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["DAGSTER_HOME"] = str(self.dagster_home)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        if self.s3 is not None:
+            env["AWS_ACCESS_KEY_ID"] = self.s3.access_key_id
+            env["AWS_SECRET_ACCESS_KEY"] = self.s3.secret_access_key
+            env["AWS_DEFAULT_REGION"] = self.s3.region_name
+        return env
+
+    def close(self) -> None:
+        if self._instance is not None:
+            self._instance.dispose()
+            self._instance = None
+
+
+class ContenderFailed(RuntimeError):
+    pass
+
+
+def measure(contender: Contender, target: Target, env: Environment) -> dict[str, Any]:
+    """Run the contender once on the target's rows; returns one result record."""
+    if contender.kind == "psql":
+        record = _measure_psql(target, env)
+    elif contender.kind == "naive":
+        record = _measure_naive(target, env)
+    else:
+        record = _measure_pulse(contender, target, env)
+    if record["rows"] != target.rows:
+        raise ContenderFailed(f"{contender.key} exported {record['rows']} rows, expected {target.rows}")
+    return {"contender": contender.key, **record}
+
+
+def _check(contender: str, measured: Any) -> None:
+    if measured.returncode != 0:
+        tail = (measured.stderr or measured.stdout)[-3000:]
+        raise ContenderFailed(f"{contender} exited with {measured.returncode}:\n{tail}")
+
+
+def _measure_psql(target: Target, env: Environment) -> dict[str, Any]:
+    out = env.workdir / "psql.csv"
+    copy = f"\\copy ({target.query}) TO '{out}' CSV HEADER"
+    argv = [str(env.psql), target.database_url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", copy]
+    measured = run_measured(argv, env=env.child_env())
+    _check("psql", measured)
+    rows = _csv_lines(out) - 1
+    size = out.stat().st_size
+    out.unlink()
+    return {"seconds": measured.seconds, "peak_rss": measured.peak_rss, "bytes": size, "rows": rows}
+
+
+def _measure_naive(target: Target, env: Environment) -> dict[str, Any]:
+    out = env.workdir / "naive.csv"
+    argv = [sys.executable, "-m", "bench.worker", "naive", "--database-url", target.database_url]
+    argv += ["--tenant", target.tenant, "--out", str(out)]
+    if target.row_limit is not None:
+        argv += ["--row-limit", str(target.row_limit)]
+    measured = run_measured(argv, env=env.child_env(), cwd=REPO)
+    _check("naive", measured)
+    result = json.loads(measured.stdout.strip().splitlines()[-1])
+    size = out.stat().st_size
+    out.unlink()
+    peak = max(measured.peak_rss, int(result["vm_hwm"]))
+    return {"seconds": measured.seconds, "peak_rss": peak, "bytes": size, "rows": int(result["rows"])}
+
+
+def _measure_pulse(contender: Contender, target: Target, env: Environment) -> dict[str, Any]:
+    """submit -> sensor tick (here, as the daemon would) -> run worker process -> COMPLETED."""
+    from pulse_exports.catalog import Catalog
+    from pulse_exports.jobstore import JobStore
+    from pulse_exports.local_runs import tick_export_sensor
+    from pulse_exports.pipeline import MANIFEST_NAME, export_prefix
+
+    jobs = JobStore(target.database_url)
+    request = Catalog.load().validate(
+        tenant_id=target.tenant,
+        export_type="telemetry",
+        format=contender.format,
+        compression=contender.compression,
+        row_limit=target.row_limit,
+    )
+    defs = env.definitions(target.database_url, contender.storage)
+    instance = env.instance()
+    started = time.monotonic()
+    submitted_at = time.time()
+    job, _ = jobs.create(request, created_by="bench", idempotency_key=f"bench-{uuid.uuid4().hex}")
+    requests = tick_export_sensor(defs, instance)
+    if [r.partition_key for r in requests] != [str(job.id)]:
+        raise ContenderFailed(f"the sensor requested {[r.partition_key for r in requests]}, expected [{job.id}]")
+    argv = [sys.executable, "-m", "bench.worker", "pulse-run", "--database-url", target.database_url]
+    argv += ["--export-id", str(job.id), "--tenant", target.tenant, "--storage-url", env.storage_url(contender.storage)]
+    if contender.storage == "s3":
+        argv += ["--s3-endpoint", env.s3.url]
+    measured = run_measured(argv, env=env.child_env(), cwd=REPO, started=started)
+    _check(contender.key, measured)
+    marks = json.loads(measured.stdout.strip().splitlines()[-1])
+    done = jobs.get(job.id)
+    if done is None or done.status != "COMPLETED" or not marks.get("success"):
+        status = done.status if done else "missing"
+        raise ContenderFailed(f"{contender.key}: export {job.id} ended {status}: {done.error if done else ''}")
+    store = env.store(contender.storage)
+    prefix = export_prefix(target.tenant, str(job.id))
+    if not store.exists(prefix + MANIFEST_NAME):
+        raise ContenderFailed(f"{contender.key}: export {job.id} is COMPLETED without a manifest")
+    store.delete_prefix(prefix)
+    first = marks.get("first_batch_at")
+    return {
+        # submit -> COMPLETED; the worker's interpreter shutdown after that is process_seconds
+        "seconds": marks["run_finished_at"] - submitted_at,
+        "process_seconds": measured.seconds,
+        "peak_rss": max(measured.peak_rss, int(marks["vm_hwm"])),
+        "bytes": int(done.file_size_bytes or 0),
+        "rows": int(done.row_count or 0),
+        "first_row_seconds": (first - submitted_at) if first else None,
+        "worker_start_seconds": marks["run_started_at"] - submitted_at,
+    }
+
+
+def _csv_lines(path: Path) -> int:
+    lines = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            lines += chunk.count(b"\n")
+    return lines

@@ -1,0 +1,72 @@
+"""Run one contender in a child process and measure it: wall time and that process's peak RSS."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+POLL_SECONDS = 0.02
+
+
+@dataclass(frozen=True)
+class Measured:
+    seconds: float
+    peak_rss: int  # bytes: the child's VmHWM, the high-water mark of its own address space
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def vm_hwm(pid: int | str = "self") -> int:
+    """Peak resident set of a process's current program, in bytes (0 once it is gone).
+
+    Not ``ru_maxrss``: Linux carries that over ``exec`` from the forked parent, so every child
+    of a large benchmark process would report at least the parent's size.
+    """
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def run_measured(
+    argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None, started: float | None = None
+) -> Measured:
+    """Start ``argv``, wait for it and return its wall time and peak RSS.
+
+    The peak is VmHWM read every 20 ms while the child runs; Python workers also print their own
+    final VmHWM (``"vm_hwm"`` in their JSON line), which the caller prefers. ``started`` (a
+    ``time.monotonic()`` value) starts the clock before work this process did for the contender.
+    """
+    t0 = time.monotonic() if started is None else started
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(argv, env=dict(env) if env is not None else None, cwd=cwd, stdout=out, stderr=err)
+        peak = 0
+        done = threading.Event()
+
+        def poll() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, vm_hwm(process.pid))
+                done.wait(POLL_SECONDS)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        process.wait()
+        seconds = time.monotonic() - t0
+        done.set()
+        poller.join()
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    return Measured(seconds, peak, process.returncode, stdout, stderr)

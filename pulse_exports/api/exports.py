@@ -1,0 +1,330 @@
+"""/exports: create (and launch), list, follow, download and cancel a tenant's exports."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+import re
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Annotated
+
+import psycopg
+from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, RedirectResponse
+
+from pulse_exports.api.deps import ApiRuntime, LinksDep, RuntimeDep, Tenant, TenantDep
+from pulse_exports.api.schemas import (
+    DownloadManifest,
+    DownloadPart,
+    ExportCreate,
+    ExportCreated,
+    ExportLinks,
+    ExportPage,
+    ExportPublic,
+    ExportStatus,
+    LaunchOutcome,
+)
+from pulse_exports.catalog import ExportRequest, ExportRequestError
+from pulse_exports.formats import content_type
+from pulse_exports.jobstore import ACTIVE, ExportJob
+from pulse_exports.launcher import DagsterUnavailable, LaunchRefused
+from pulse_exports.netguard import validate_callback_url
+from pulse_exports.pipeline import discard_export, export_prefix
+from pulse_exports.storage import LocalExportStore, S3ExportStore, validate_key
+
+_log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/exports", tags=["exports"])
+
+_NOT_FOUND = {404: {"description": "No such export for this tenant (unknown, malformed or another tenant's id)."}}
+_PATH_TOKEN = re.compile(r"\[(\d+)\]|([^.\[\]]+)")
+_TYPE_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,128}")  # a name as the catalog could hold it: no control characters
+
+
+def _invalid(exc: ExportRequestError, *, expires_in_given: bool) -> RequestValidationError:
+    """A catalog error as FastAPI's own 422 body, the location naming the request field."""
+    loc: list[str | int] = [int(i) if i else name for i, name in _PATH_TOKEN.findall(exc.field)]
+    if expires_in_given and loc == ["options", "expires_in"]:
+        loc = ["expires_in"]
+    return RequestValidationError([{"type": "value_error", "loc": ("body", *loc), "msg": exc.message, "input": None}])
+
+
+def _tenant_job(runtime: ApiRuntime, tenant: Tenant, export_id: str) -> ExportJob:
+    job = runtime.jobs.get(export_id, tenant_id=tenant.id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="export not found")
+    return job
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={409: {"description": "The Idempotency-Key was used for a different request."}},
+)
+def create_export(
+    body: ExportCreate,
+    tenant: TenantDep,
+    runtime: RuntimeDep,
+    links: LinksDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            description="Retries with the same key return the export the first request made.",
+        ),
+    ] = None,
+) -> ExportCreated:
+    """Create an export and launch its run at once when Dagster's GraphQL API is configured."""
+    options = dict(body.options or {})
+    if body.expires_in is not None:
+        options["expires_in"] = body.expires_in
+    try:
+        request = runtime.catalog().validate(
+            tenant_id=tenant.id,
+            export_type=body.export_type,
+            format=body.format,
+            compression=body.compression,
+            columns=body.columns,
+            filters=body.filters,
+            row_limit=body.row_limit,
+            options=options,
+        )
+        callback_url = (
+            validate_callback_url(body.callback_url, runtime.callback_allowlist) if body.callback_url else None
+        )
+    except ExportRequestError as exc:
+        raise _invalid(exc, expires_in_given=body.expires_in is not None) from None
+    job, created = runtime.jobs.create(
+        request, callback_url=callback_url, created_by=f"api-key:{tenant.api_key_id}", idempotency_key=idempotency_key
+    )
+    response.headers["Location"] = links.status_url(job.id)
+    if not created:
+        if job.request != request or job.callback_url != callback_url:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, detail="this Idempotency-Key was already used for a different export request"
+            )
+        return ExportCreated(
+            export_id=job.id,
+            status=ExportStatus(job.status),
+            status_url=links.status_url(job.id),
+            estimated_rows=job.rows_total,
+            launch="idempotent replay",
+            run_id=job.run_id,
+        )
+    estimated_rows = _estimate_rows(runtime, request)
+    launch, launch_error, run_id = _launch(runtime, job)
+    current = ExportStatus.QUEUED if run_id else ExportStatus(job.status)
+    return ExportCreated(
+        export_id=job.id,
+        status=current,
+        status_url=links.status_url(job.id),
+        estimated_rows=estimated_rows,
+        launch=launch,
+        launch_error=launch_error,
+        run_id=run_id,
+    )
+
+
+def _estimate_rows(runtime: ApiRuntime, request: ExportRequest) -> int | None:
+    if not runtime.settings.estimate_rows:
+        return None
+    try:
+        with runtime.source_pool.connection() as conn:
+            return runtime.catalog().estimate_rows(conn, request)
+    except psycopg.Error as exc:  # an estimate is a courtesy; the export itself is already accepted
+        _log.warning("no row estimate for a %s export: %s", request.export_type, type(exc).__name__)
+        return None
+
+
+def _launch(runtime: ApiRuntime, job: ExportJob) -> tuple[LaunchOutcome, str | None, str | None]:
+    """(outcome, error shown to the caller, run id). Failures leave the job PENDING for the sensor."""
+    if runtime.launcher is None:
+        return "sensor", None, None
+    try:
+        run_id = runtime.launcher.launch(job)
+    except DagsterUnavailable as exc:
+        _log.warning("export %s: Dagster unreachable, left to the sensor: %s", job.id, exc)
+        return "deferred to sensor", "Dagster is unreachable", None
+    except LaunchRefused as exc:
+        _log.error("export %s: Dagster refused the launch, left to the sensor: %s", job.id, exc)
+        return "deferred to sensor", "Dagster refused the launch", None
+    if not runtime.jobs.mark_launched(job.id, run_id):
+        _log.info("export %s was claimed before its launch was recorded (run %s)", job.id, run_id)
+    return "launched", None, run_id
+
+
+def _encode_cursor(job: ExportJob) -> str:
+    raw = json.dumps([job.created_at.isoformat(), str(job.id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        created_at, export_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(created_at), uuid.UUID(export_id)
+    except (ValueError, TypeError, binascii.Error):
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("query", "cursor"), "msg": "not a cursor from this API", "input": cursor}]
+        ) from None
+
+
+@router.get("")
+def list_exports(
+    tenant: TenantDep,
+    runtime: RuntimeDep,
+    links: LinksDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page.")] = None,
+    status_filter: Annotated[list[ExportStatus] | None, Query(alias="status")] = None,
+    type_filter: Annotated[list[str] | None, Query(alias="type", description="Export types.")] = None,
+) -> ExportPage:
+    """The tenant's exports, newest first."""
+    for i, name in enumerate(type_filter or []):
+        if not _TYPE_NAME.fullmatch(name):  # also keeps NUL, which PostgreSQL text refuses, out of the query
+            raise RequestValidationError(
+                [{"type": "value_error", "loc": ("query", "type", i), "msg": "not an export type name", "input": name}]
+            )
+    jobs = runtime.jobs.list_for_tenant(
+        tenant.id,
+        limit=limit + 1,
+        before=_decode_cursor(cursor) if cursor else None,
+        statuses=[s.value for s in status_filter or []],
+        export_types=type_filter or [],
+    )
+    page = jobs[:limit]
+    return ExportPage(
+        items=[ExportPublic.from_job(job, links) for job in page],
+        next_cursor=_encode_cursor(page[-1]) if len(jobs) > limit else None,
+    )
+
+
+@router.get("/{export_id}", responses=_NOT_FOUND)
+def get_export(export_id: str, tenant: TenantDep, runtime: RuntimeDep, links: LinksDep) -> ExportPublic:
+    """Status, progress, outcome and links of one export."""
+    return ExportPublic.from_job(_tenant_job(runtime, tenant, export_id), links)
+
+
+@router.get(
+    "/{export_id}/download",
+    response_model=DownloadManifest,
+    responses={
+        **_NOT_FOUND,
+        200: {"description": "The parts with a URL each, or (file storage) the file itself."},
+        302: {"description": "Redirect to a presigned URL of the (one, or chosen) part."},
+        409: {"description": "The export is not COMPLETED."},
+        410: {"description": "The export has expired; its files are gone."},
+    },
+)
+def download_export(
+    export_id: str,
+    tenant: TenantDep,
+    runtime: RuntimeDep,
+    links: LinksDep,
+    part: Annotated[int | None, Query(ge=0, description="Index of one part (0-based) to fetch.")] = None,
+    manifest: Annotated[bool, Query(description="Always answer with the parts list, even for one part.")] = False,
+) -> Response | DownloadManifest:
+    """One part: a redirect to it (file storage: the file). Several parts: their list with URLs."""
+    job = _tenant_job(runtime, tenant, export_id)
+    now = datetime.now(timezone.utc)
+    if job.status == ExportStatus.EXPIRED.value or (
+        job.status == ExportStatus.COMPLETED.value and job.expires_at is not None and job.expires_at <= now
+    ):
+        raise HTTPException(status.HTTP_410_GONE, detail="the export has expired and its files were deleted")
+    if job.status != ExportStatus.COMPLETED.value or not job.manifest:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, detail=f"the export is {job.status}; it can be downloaded once COMPLETED"
+        )
+    parts = job.manifest["parts"]
+    ttl = _url_lifetime(runtime, job, now)
+    if part is not None:
+        if part >= len(parts):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"the export has {len(parts)} part(s), from 0")
+        return _part_response(runtime, job, parts[part], ttl)
+    if len(parts) == 1 and not manifest:
+        return _part_response(runtime, job, parts[0], ttl)
+    presigning = isinstance(runtime.presign_store, S3ExportStore)
+    return DownloadManifest(
+        export_id=job.id,
+        format=job.format,
+        compression=job.compression,
+        row_count=job.manifest["row_count"],
+        bytes=job.manifest["bytes"],
+        columns=job.manifest["columns"],
+        expires_at=job.expires_at,
+        urls_expire_at=now + timedelta(seconds=ttl) if presigning else None,
+        parts=[
+            DownloadPart(
+                index=p["index"],
+                file=p["file"],
+                rows=p["rows"],
+                bytes=p["bytes"],
+                sha256=p["sha256"],
+                url=_part_url(runtime, job, p, ttl, links),
+            )
+            for p in parts
+        ],
+    )
+
+
+def _url_lifetime(runtime: ApiRuntime, job: ExportJob, now: datetime) -> int:
+    """Seconds a presigned URL may live: never past the export's expiry, nor the configured cap."""
+    cap = runtime.settings.download_url_ttl_seconds
+    if job.expires_at is None:
+        return cap
+    left = math.floor((job.expires_at - now).total_seconds())
+    if left < 1:
+        raise HTTPException(status.HTTP_410_GONE, detail="the export has expired and its files were deleted")
+    return min(cap, left)
+
+
+def _part_url(runtime: ApiRuntime, job: ExportJob, part: dict, ttl: int, links: ExportLinks) -> str:
+    store = runtime.presign_store
+    if isinstance(store, S3ExportStore):
+        return store.presigned_url(part["key"], ttl)
+    return links.download_url(job.id, part["index"])
+
+
+def _part_response(runtime: ApiRuntime, job: ExportJob, part: dict, ttl: int) -> Response:
+    store = runtime.presign_store
+    if isinstance(store, S3ExportStore):
+        url = store.presigned_url(part["key"], ttl)
+        return RedirectResponse(url, status_code=status.HTTP_302_FOUND, headers={"Cache-Control": "no-store"})
+    if isinstance(store, LocalExportStore):
+        path = store.root / validate_key(part["key"])
+        if not path.is_file():
+            raise HTTPException(status.HTTP_410_GONE, detail="the export's files are gone")
+        return FileResponse(path, media_type=content_type(job.format, job.compression), filename=part["file"])
+    raise HTTPException(status.HTTP_501_NOT_IMPLEMENTED, detail="this storage cannot serve downloads")
+
+
+@router.delete(
+    "/{export_id}",
+    responses={**_NOT_FOUND, 409: {"description": "The export already ended (COMPLETED, FAILED or EXPIRED)."}},
+)
+def cancel_export(export_id: str, tenant: TenantDep, runtime: RuntimeDep, links: LinksDep) -> ExportPublic:
+    """Cancel a PENDING, QUEUED or RUNNING export: terminate its run and delete its files; the row stays,
+    CANCELLED. Cancelling a CANCELLED export again only sweeps its files again."""
+    job = _tenant_job(runtime, tenant, export_id)
+    if job.status in ACTIVE and runtime.jobs.cancel(job.id, reason="cancelled through the API"):
+        job = _tenant_job(runtime, tenant, export_id)  # with the run that holds it now
+        if job.run_id and runtime.launcher is not None:
+            try:
+                runtime.launcher.terminate(job.run_id)
+            except DagsterUnavailable as exc:  # the run still stops: its next progress report sees CANCELLED
+                _log.warning("export %s: could not terminate run %s: %s", job.id, job.run_id, exc)
+    else:
+        job = _tenant_job(runtime, tenant, export_id)
+        if job.status != ExportStatus.CANCELLED.value:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, detail=f"the export is {job.status}; only unfinished exports can be cancelled"
+            )
+    discard_export(runtime.store, export_prefix(job.tenant_id, str(job.id)))
+    return ExportPublic.from_job(job, links)

@@ -1,0 +1,312 @@
+"""Real ``dagster-webserver`` + ``dagster-daemon`` (and the product API under uvicorn) as processes on
+loopback, for tests whose behaviour belongs to them: GraphQL launches, the run queue, termination.
+
+One set per test module: a seeded database and a bucket of its own, a temporary DAGSTER_HOME with
+SQLite storage, and a workspace loading the module ``pulse_exports.definitions`` as ``pulse_exports``. Each process
+runs in its own session, so teardown can kill the whole group (code servers and run workers too).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from psycopg import sql
+
+from pulse_exports_tests.servers import S3Endpoint, _free_ports
+
+LOCATION = "pulse_exports"
+REPOSITORY = "__repository__"
+
+# Dagster's defaults, but a queue that dequeues every second rather than five and no telemetry.
+_DAGSTER_YAML = """\
+telemetry:
+  enabled: false
+run_coordinator:
+  module: dagster.core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 1
+"""
+# `-m pulse_exports.definitions` would name the location after the module; the API launches into "pulse_exports".
+_WORKSPACE_YAML = f"""\
+load_from:
+  - python_module:
+      module_name: pulse_exports.definitions
+      location_name: {LOCATION}
+"""
+
+_REPOSITORIES = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }"
+_DAEMONS = "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } } }"
+_SENSOR = """
+query Sensor($selector: SensorSelector!) {
+  sensorOrError(sensorSelector: $selector) {
+    __typename
+    ... on Sensor { jobOriginId sensorState { selectorId status } }
+    ... on Error { message }
+  }
+}
+"""
+_STOP_SENSOR = """
+mutation StopSensor($origin: String, $selector: String) {
+  stopSensor(jobOriginId: $origin, jobSelectorId: $selector) {
+    __typename
+    ... on StopSensorMutationResult { instigationState { status } }
+    ... on Error { message }
+  }
+}
+"""
+_RUNS = """
+query ExportRuns($tags: [ExecutionTag!]) {
+  runsOrError(filter: {tags: $tags}) {
+    __typename
+    ... on Runs { results { runId status tags { key value } } }
+  }
+}
+"""
+
+
+class ServiceProcess:
+    """One long-running command, its output in a log file, stopped with its whole process group."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], workdir: Path) -> None:
+        self.name = name
+        self.args = args
+        self.env = env
+        self.workdir = workdir
+        self.log_path = workdir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.args,
+                cwd=self.workdir,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    def stop(self, grace: float = 10) -> None:
+        """SIGTERM the group (Dagster shuts its code servers down), then SIGKILL what is left."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        _signal_group(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def wait_for(
+    what: str, check: Callable[[], Any], processes: list[ServiceProcess], timeout: float = 120, every: float = 0.25
+) -> Any:
+    """Poll ``check`` until it returns something truthy; fail with the processes' log tails."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        for process in processes:
+            if not process.alive():
+                pytest.fail(f"{process.name} exited while waiting for {what}:\n{process.log_tail()}")
+        try:
+            if result := check():
+                return result
+        except (httpx.HTTPError, ValueError, KeyError) as exc:  # not up yet
+            last_error = exc
+        time.sleep(every)
+    logs = "\n".join(f"--- {p.name} ---\n{p.log_tail()}" for p in processes)
+    pytest.fail(f"timed out after {timeout}s waiting for {what} (last error: {last_error!r})\n{logs}")
+
+
+@dataclass
+class DagsterServices:
+    """A running webserver and daemon, and what the export processes were configured with."""
+
+    home: Path
+    ui_url: str
+    database_url: str
+    storage_url: str
+    env: dict[str, str]
+    webserver: ServiceProcess
+    daemon: ServiceProcess
+
+    @property
+    def graphql_url(self) -> str:
+        return f"{self.ui_url}/graphql"
+
+    @property
+    def processes(self) -> list[ServiceProcess]:
+        return [self.webserver, self.daemon]
+
+    def graphql(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+        response = httpx.post(self.graphql_url, json={"query": query, "variables": variables or {}}, timeout=30)
+        response.raise_for_status()
+        body = response.json()
+        assert not body.get("errors"), body["errors"]
+        return dict(body["data"])
+
+    def runs_for_export(self, export_id: str) -> list[dict[str, Any]]:
+        tags = [{"key": "pulse/export_id", "value": export_id}]
+        return list(self.graphql(_RUNS, {"tags": tags})["runsOrError"]["results"])
+
+    def stop_sensor(self, name: str) -> None:
+        selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "sensorName": name}
+        sensor = self.graphql(_SENSOR, {"selector": selector})["sensorOrError"]
+        assert sensor["__typename"] == "Sensor", sensor
+        stopped = self.graphql(
+            _STOP_SENSOR, {"origin": sensor["jobOriginId"], "selector": sensor["sensorState"]["selectorId"]}
+        )["stopSensor"]
+        assert stopped["__typename"] == "StopSensorMutationResult", stopped
+
+    def _location_loaded(self) -> bool:
+        result = self.graphql(_REPOSITORIES)["repositoriesOrError"]
+        return any(n["location"]["name"] == LOCATION for n in result.get("nodes", []))
+
+    def _daemons_healthy(self) -> bool:
+        statuses = self.graphql(_DAEMONS)["instance"]["daemonHealth"]["allDaemonStatuses"]
+        wanted = {"SENSOR", "QUEUED_RUN_COORDINATOR"}
+        return wanted <= {s["daemonType"] for s in statuses if s["healthy"]}
+
+    def start(self, timeout: float = 120) -> None:
+        """The webserver first: both would create the SQLite storage at once and race on its migrations."""
+        self.webserver.start()
+        wait_for("the webserver to load the code location", self._location_loaded, [self.webserver], timeout)
+        self.daemon.start()
+        wait_for("the daemon's sensor and run queue", self._daemons_healthy, self.processes, timeout)
+
+
+def dagster_env(home: Path, database_url: str, storage_url: str, s3: S3Endpoint) -> dict[str, str]:
+    """The environment of the Dagster processes: this test's database, bucket and S3 credentials only."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("PULSE_", "DAGSTER_", "AWS_"))}
+    return {
+        **inherited,
+        "DAGSTER_HOME": str(home),
+        "PULSE_DATABASE_URL": database_url,
+        "PULSE_STORAGE_URL": storage_url,
+        "PULSE_S3_ENDPOINT_URL": s3.url,
+        "AWS_ACCESS_KEY_ID": s3.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": s3.secret_access_key,
+        "AWS_REGION": s3.region_name,
+        "AWS_DEFAULT_REGION": s3.region_name,
+    }
+
+
+def _dagster_bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+@pytest.fixture(scope="module")
+def module_database_url(pg_server_url: str, seeded_template: str) -> Iterator[str]:
+    """A seeded database for the whole module: the Dagster processes are started once for it."""
+    from pulse_exports_tests.conftest import database_url
+
+    name = f"pulse_m_{uuid.uuid4().hex}"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(seeded_template))
+        )
+    yield database_url(pg_server_url, name)
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="module")
+def module_storage_url(s3_endpoint: S3Endpoint) -> Iterator[str]:
+    client = s3_endpoint.client()
+    bucket = f"pulse-m-{uuid.uuid4().hex[:16]}"
+    client.create_bucket(Bucket=bucket)
+    yield f"s3://{bucket}/exports"
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        if objects := [{"Key": item["Key"]} for item in page.get("Contents", [])]:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+    client.delete_bucket(Bucket=bucket)
+
+
+@pytest.fixture(scope="module")
+def dagster_services(
+    tmp_path_factory: pytest.TempPathFactory, module_database_url: str, module_storage_url: str, s3_endpoint: S3Endpoint
+) -> Iterator[DagsterServices]:
+    """dagster-webserver and dagster-daemon on loopback, sharing a temporary SQLite DAGSTER_HOME."""
+    home = tmp_path_factory.mktemp("dagster_home")
+    (home / "dagster.yaml").write_text(_DAGSTER_YAML)
+    (home / "workspace.yaml").write_text(_WORKSPACE_YAML)
+    env = dagster_env(home, module_database_url, module_storage_url, s3_endpoint)
+    (port,) = _free_ports(1)
+    code = ["-w", str(home / "workspace.yaml")]
+    webserver = ServiceProcess(
+        "dagster-webserver", [_dagster_bin("dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), *code], env, home
+    )
+    daemon = ServiceProcess("dagster-daemon", [_dagster_bin("dagster-daemon"), "run", *code], env, home)
+    services = DagsterServices(
+        home, f"http://127.0.0.1:{port}", module_database_url, module_storage_url, env, webserver, daemon
+    )
+    try:
+        services.start()
+        yield services
+    finally:
+        daemon.stop()
+        webserver.stop()
+
+
+@dataclass
+class ApiProcess:
+    """``pulse-exports serve`` as a process."""
+
+    url: str
+    process: ServiceProcess
+
+
+@pytest.fixture(scope="module")
+def api_process(dagster_services: DagsterServices) -> Iterator[ApiProcess]:
+    """The product API (``pulse-exports serve``) launching runs through the webserver's GraphQL API."""
+    (port,) = _free_ports(1)
+    env = {
+        **dagster_services.env,
+        "PULSE_DAGSTER_GRAPHQL_URL": dagster_services.graphql_url,
+        "PULSE_DAGSTER_UI_URL": dagster_services.ui_url,
+    }
+    workdir = dagster_services.home.parent / "api"
+    workdir.mkdir(exist_ok=True)
+    args = [sys.executable, "-m", "pulse_exports.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    process = ServiceProcess("pulse-exports-serve", args, env, workdir).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(
+            "the API to answer /health",
+            lambda: httpx.get(f"{url}/api/v1/health", timeout=10).status_code == 200,
+            [process, *dagster_services.processes],
+            timeout=60,
+        )
+        yield ApiProcess(url, process)
+    finally:
+        process.stop()

@@ -1,0 +1,59 @@
+"""The benchmark script at smoke scale (10k rows, one round): every contender runs and is reported.
+
+Never timed: the figures are only checked for sanity, so the script cannot rot unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pulse_exports_tests.servers import S3Endpoint
+
+REPO = Path(__file__).resolve().parent.parent
+ROWS = 10_000
+
+
+@pytest.fixture
+def bench_results(fresh_database_url: str, s3_endpoint: S3Endpoint, tmp_path: Path) -> tuple[dict, Path]:
+    docs = tmp_path / "docs"
+    command = [
+        sys.executable, "-m", "bench",
+        "--database-url", fresh_database_url,
+        "--rows", str(ROWS), "--telemetry-rows", str(2 * ROWS), "--tenants", "3", "--devices", "60",
+        "--repeat", "1", "--warmup", "0",
+        "--scaling", "4k", "--scaling-contenders", "psql,pulse-csv-file",
+        "--s3-endpoint", s3_endpoint.url,
+        "--s3-access-key", s3_endpoint.access_key_id, "--s3-secret-key", s3_endpoint.secret_access_key,
+        "--workdir", str(tmp_path / "work"), "--docs", str(docs),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return json.loads((tmp_path / "work" / "results.json").read_text()), docs
+
+
+def test_bench_runs_every_contender_and_writes_its_report(bench_results: tuple[dict, Path]) -> None:
+    from bench.contenders import ALL
+
+    results, docs = bench_results
+    main = [r for r in results["runs"] if r["scale"] == ROWS]
+    assert [r for r in results["runs"] if "failed" in r] == []
+    assert sorted(r["contender"] for r in main) == sorted(c.key for c in ALL)
+    for run in main:
+        assert run["rows"] == ROWS
+        assert 0 < run["seconds"] < 300
+        assert 1 << 20 < run["peak_rss"] < 8 << 30, run  # a real process's peak, not a parent's
+        assert run["bytes"] > 1_000
+    pulse = [r for r in main if r["contender"].startswith("pulse-")]
+    assert all(0 < r["first_row_seconds"] < r["seconds"] for r in pulse)
+    assert {r["scale"] for r in results["runs"]} == {4_000, ROWS}
+
+    report = (docs / "benchmarks.md").read_text()
+    for contender in ALL:
+        assert contender.label in report
+    assert "× psql" in report and "### Targets" in report and "### Scaling" in report
+    assert (docs / "img" / "benchmark.png").stat().st_size > 10_000
