@@ -509,5 +509,5 @@ def test_real_daemon_makes_one_job_per_minute_across_a_restart(dagster_services:
     for earlier, later in zip(ticks, ticks[1:], strict=False):  # consecutive minutes, except across the downtime
         assert later - earlier == timedelta(minutes=1) or (later > down_at and earlier < first_after_restart), jobs
     wait_for(  # the daemon's export_jobs_sensor launched their runs
-        "the scheduled exports to complete", lambda: {j[2] for j in made()} == {"COMPLETED"}, processes, timeout=180
+        "the scheduled exports to complete", lambda: {j[2] for j in made()} == {"COMPLETED"}, processes, timeout=360
     )
