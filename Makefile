@@ -37,6 +37,6 @@ clean:
 bench: install-bench
 	$(BIN)/python -m bench --scaling 500k,1M $(BENCH_ARGS)
 
-## The same plus 10M rows of one tenant (seeds a 10M-row database first; ~30 min).
+## The same plus 10M rows of one tenant (seeds a 10M-row database first; ~25-35 min).
 bench-full: install-bench
 	$(BIN)/python -m bench --scaling 500k,1M,10M $(BENCH_ARGS)

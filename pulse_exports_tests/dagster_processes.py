@@ -187,6 +187,7 @@ class DagsterServices:
             _STOP_SENSOR, {"origin": sensor["jobOriginId"], "selector": sensor["sensorState"]["selectorId"]}
         )["stopSensor"]
         assert stopped["__typename"] == "StopSensorMutationResult", stopped
+        assert stopped["instigationState"]["status"] == "STOPPED", stopped
 
     def _location_loaded(self) -> bool:
         result = self.graphql(_REPOSITORIES)["repositoriesOrError"]
@@ -197,10 +198,13 @@ class DagsterServices:
         wanted = {"SENSOR", "QUEUED_RUN_COORDINATOR"}
         return wanted <= {s["daemonType"] for s in statuses if s["healthy"]}
 
-    def start(self, timeout: float = 120) -> None:
-        """The webserver first: both would create the SQLite storage at once and race on its migrations."""
+    def start(self, timeout: float = 120, stopped_sensors: tuple[str, ...] = ()) -> None:
+        """The webserver first: both would create the SQLite storage at once and race on its migrations.
+        ``stopped_sensors`` are stopped before the daemon starts, so they never tick."""
         self.webserver.start()
         wait_for("the webserver to load the code location", self._location_loaded, [self.webserver], timeout)
+        for name in stopped_sensors:
+            self.stop_sensor(name)
         self.daemon.start()
         wait_for("the daemon's sensor and run queue", self._daemons_healthy, self.processes, timeout)
 
@@ -271,7 +275,9 @@ def dagster_services(
         home, f"http://127.0.0.1:{port}", module_database_url, module_storage_url, env, webserver, daemon
     )
     try:
-        services.start()
+        # The API launches every run in these tests: with the PENDING-rows sensor ticking, one landing
+        # between a row's insert and its launch would add a second (claim-deduped) run.
+        services.start(stopped_sensors=("export_jobs_sensor",))
         yield services
     finally:
         daemon.stop()

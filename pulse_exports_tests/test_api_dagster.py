@@ -22,13 +22,6 @@ from .test_export_job import read_rows, source_telemetry
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def launches_only_through_the_api(dagster_services: DagsterServices) -> None:
-    """Stop the PENDING-rows sensor, so every run here is one the API launched through GraphQL
-    (with it running, a tick between insert and launch could add a second, claim-deduped run)."""
-    dagster_services.stop_sensor("export_jobs_sensor")
-
-
 @pytest.fixture
 def api_key(dagster_services: DagsterServices) -> str:
     return ApiKeyStore(dagster_services.database_url).create("tenant-002", name="dagster test").secret
@@ -87,7 +80,12 @@ def test_post_launches_one_run_through_graphql_that_the_daemon_runs_to_a_downloa
     assert done.status.value == "COMPLETED", done.error
     print(f"POST to COMPLETED through GraphQL and the daemon: {time.monotonic() - started:.1f}s")
     assert done.run_id == run_id and done.dagster_run_url == f"{dagster_services.ui_url}/runs/{run_id}"
-    (run,) = dagster_services.runs_for_export(export_id)  # one run for twenty requests
+
+    def run_finished() -> dict[str, Any] | None:  # the export is COMPLETED a moment before its run ends
+        (run,) = dagster_services.runs_for_export(export_id)  # one run for twenty requests
+        return run if run["status"] not in ("QUEUED", "NOT_STARTED", "STARTING", "STARTED") else None
+
+    run = wait_for("the run to end", run_finished, dagster_services.processes, 30)
     tags = {t["key"]: t["value"] for t in run["tags"]}
     assert run["runId"] == run_id and run["status"] == "SUCCESS"
     assert tags["dagster/partition"] == export_id and tags["pulse/tenant"] == "tenant-002"

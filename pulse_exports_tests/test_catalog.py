@@ -145,18 +145,16 @@ def test_sampled_metric_columns_are_cast_strictly_and_checked_for_missed_keys(
         assert not catalog.plan(conn, request, metric_sample_rows=100_000).metrics_sampled  # the sample is all rows
 
         _add_late_odd_rows(conn)
+        # A sample reads whichever rows PostgreSQL finds first; in heap order the new rows could land
+        # in free space anywhere. Through the (tenant_id, time) index they come last, outside it.
+        conn.execute("SET enable_seqscan = off")
         late = catalog.plan(conn, request, metric_sample_rows=100)
-        # The sample reads rows in heap order; PostgreSQL may place the new rows anywhere, so either
-        # the sample missed them (and the checks catch it) or it saw them (and planned no sample).
-        if late.metrics_sampled:  # it missed at least the "n/a" row, or the types would not settle
-            assert ("rssi", "double precision") in late.metric_columns
-            assert late.unplanned_keys_query is not None
-            if "co2" not in late.columns:
-                assert conn.execute(late.unplanned_keys_query).fetchone() == (True,)
-            with pytest.raises(psycopg.errors.InvalidParameterValue):  # "n/a" is no number: no silent NULL
-                conn.execute(late.query).fetchall()
-        else:
-            assert "co2" in late.columns and ("rssi", "text") in late.metric_columns
+        conn.execute("RESET enable_seqscan")
+        assert late.metrics_sampled and "co2" not in late.columns
+        assert ("rssi", "double precision") in late.metric_columns and late.unplanned_keys_query is not None
+        assert conn.execute(late.unplanned_keys_query).fetchone() == (True,)
+        with pytest.raises(psycopg.errors.InvalidParameterValue):  # "n/a" is no number: no silent NULL or cast
+            conn.execute(late.query).fetchall()
         replanned = catalog.plan(conn, request)
         assert "co2" in replanned.columns and ("rssi", "text") in replanned.metric_columns
 
