@@ -258,9 +258,16 @@ def module_storage_url(s3_endpoint: S3Endpoint) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def dagster_services(
-    tmp_path_factory: pytest.TempPathFactory, module_database_url: str, module_storage_url: str, s3_endpoint: S3Endpoint
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    module_database_url: str,
+    module_storage_url: str,
+    s3_endpoint: S3Endpoint,
 ) -> Iterator[DagsterServices]:
-    """dagster-webserver and dagster-daemon on loopback, sharing a temporary SQLite DAGSTER_HOME."""
+    """dagster-webserver and dagster-daemon on loopback, sharing a temporary SQLite DAGSTER_HOME.
+
+    A test module may set ``STOPPED_SENSORS`` (sensor names): they are stopped before the daemon
+    starts, so they never tick (stopping them later races the daemon's own writes to SQLite)."""
     home = tmp_path_factory.mktemp("dagster_home")
     (home / "dagster.yaml").write_text(_DAGSTER_YAML)
     (home / "workspace.yaml").write_text(_WORKSPACE_YAML)
@@ -275,9 +282,7 @@ def dagster_services(
         home, f"http://127.0.0.1:{port}", module_database_url, module_storage_url, env, webserver, daemon
     )
     try:
-        # The API launches every run in these tests: with the PENDING-rows sensor ticking, one landing
-        # between a row's insert and its launch would add a second (claim-deduped) run.
-        services.start(stopped_sensors=("export_jobs_sensor",))
+        services.start(stopped_sensors=tuple(getattr(request.module, "STOPPED_SENSORS", ())))
         yield services
     finally:
         daemon.stop()
