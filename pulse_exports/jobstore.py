@@ -72,17 +72,18 @@ class ExportJob:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (ids and times as strings)."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = (
-                value.isoformat()
-                if isinstance(value, datetime)
-                else str(value)
-                if isinstance(value, uuid.UUID)
-                else value
-            )
-        return out
+        return json_ready(self)
+
+
+def json_ready(row: Any) -> dict[str, Any]:
+    """A dataclass row as plain JSON-ready data (ids and times as strings)."""
+    out: dict[str, Any] = {}
+    for f in fields(row):
+        value = getattr(row, f.name)
+        out[f.name] = (
+            value.isoformat() if isinstance(value, datetime) else str(value) if isinstance(value, uuid.UUID) else value
+        )
+    return out
 
 
 _COLUMNS = sql.SQL(", ").join(sql.Identifier(f.name) for f in fields(ExportJob))

@@ -41,7 +41,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from pulse_exports.catalog import Catalog, ExportRequest, ExportRequestError, _shown
-from pulse_exports.jobstore import ExportJob, JobStore, parse_id
+from pulse_exports.jobstore import ExportJob, JobStore, json_ready, parse_id
 
 MAX_NAME_LENGTH = 128
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -95,17 +95,7 @@ class ExportSchedule:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (ids and times as strings)."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = (
-                value.isoformat()
-                if isinstance(value, datetime)
-                else str(value)
-                if isinstance(value, uuid.UUID)
-                else value
-            )
-        return out
+        return json_ready(self)
 
 
 @dataclass(frozen=True)
