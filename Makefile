@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-bench demo test lint dev clean bench bench-full
+.PHONY: install install-bench demo up test lint dev clean bench bench-full
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install-bench: $(BIN)/python
 ## One command: embedded PostgreSQL, sample data, two exports through Dagster, a summary.
 demo: install
 	$(BIN)/pulse-exports demo
+
+## The whole system on loopback until Ctrl-C: Dagster UI + daemon (dagster dev) and the product API.
+up: install
+	$(BIN)/pulse-exports dev
 
 ## One command: the whole test suite against real PostgreSQL and real S3 (started from wheels).
 test: install-bench

@@ -217,6 +217,25 @@ def demo(home: Path, telemetry_rows: int) -> None:
     sys.exit(run_demo(home.resolve(), telemetry_rows=telemetry_rows))
 
 
+@main.command()
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".pulse"),
+    show_default=True,
+    help="Folder for the embedded PostgreSQL, Dagster home and exported files (as for `demo`).",
+)
+@click.option("--api-port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--dagster-port", default=3000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--telemetry-rows", default=1_000_000, show_default=True, type=click.IntRange(0))
+def dev(home: Path, api_port: int, dagster_port: int, telemetry_rows: int) -> None:
+    """The whole system on loopback: `dagster dev` (UI, daemon) and the product API, on embedded defaults."""
+    from pulse_exports.devstack import run_dev_stack
+
+    home.mkdir(parents=True, exist_ok=True)
+    sys.exit(run_dev_stack(home.resolve(), api_port=api_port, dagster_port=dagster_port, telemetry_rows=telemetry_rows))
+
+
 @main.group("api-key")
 def api_key() -> None:
     """Keys of the product API: each belongs to one tenant and is stored hashed."""
@@ -256,13 +275,31 @@ def api_key_list(tenant: str | None) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1))
-def serve(host: str, port: int, workers: int) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["json", "text"]),
+    envvar="PULSE_LOG_FORMAT",
+    default="json",
+    show_default=True,
+    help="Log lines as JSON objects or readable text; defaults to PULSE_LOG_FORMAT.",
+)
+def serve(host: str, port: int, workers: int, log_format: str) -> None:
     """Serve the product API (FastAPI under uvicorn), configured from the PULSE_* variables."""
     import uvicorn
 
+    from pulse_exports.logs import logging_config
+
     _env_url("PULSE_DATABASE_URL")
     _env_url("PULSE_STORAGE_URL")
-    uvicorn.run("pulse_exports.api:create_app", factory=True, host=host, port=port, workers=workers)
+    uvicorn.run(
+        "pulse_exports.api:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=logging_config(log_format),
+        access_log=False,  # the API logs each request itself, with its tenant and export id
+    )
 
 
 def _api_keys() -> Any:

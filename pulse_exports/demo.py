@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -18,6 +23,27 @@ DEMO_EXPORTS = (
     {"export_type": "telemetry", "format": "csv", "compression": "gzip", "filters": {"time_range": "90d"}},
     {"export_type": "devices", "format": "parquet"},
 )
+
+
+# The embedded instance: SQLite storage (Dagster's default), the production profile's queue limits
+# (dagster.yaml at the repository root) with a one-second dequeue for `make up`, and no telemetry.
+LOCAL_DAGSTER_YAML = """\
+telemetry:
+  enabled: false
+run_coordinator:
+  module: dagster
+  class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 1
+concurrency:
+  runs:
+    max_concurrent_runs: 4
+    tag_concurrency_limits:
+      - key: pulse/tenant
+        value: {applyLimitPerUniqueValue: true}
+        limit: 2
+"""
+_OLD_DAGSTER_YAML = "telemetry:\n  enabled: false\n"  # what earlier versions wrote; replaced
 
 
 def ensure_database(server_url: str, name: str) -> str:
@@ -42,11 +68,58 @@ def prepare_environment(home: Path) -> dict[str, str]:
         dagster_home = home / "dagster_home"
         dagster_home.mkdir(exist_ok=True)
         config = dagster_home / "dagster.yaml"
-        if not config.exists():  # SQLite storage (Dagster's default); no telemetry
-            config.write_text("telemetry:\n  enabled: false\n")
+        if not config.exists() or config.read_text() == _OLD_DAGSTER_YAML:
+            config.write_text(LOCAL_DAGSTER_YAML)
         env["DAGSTER_HOME"] = str(dagster_home)
     os.environ.update(env)
     return env
+
+
+@contextmanager
+def api_in_background(host: str = "127.0.0.1") -> Iterator[str]:
+    """``pulse-exports serve`` on a free loopback port, in a thread of this process; yields its base URL."""
+    import uvicorn
+
+    from pulse_exports.api import create_app
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(), host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="pulse-api", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the API did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def run_api_leg(home: Path, defs: Any, instance: Any) -> bool:
+    """The product API's path: an API key, POST /exports, the sensor's launch, GET until done, download."""
+    from pulse_exports.apikeys import ApiKeyStore
+    from pulse_exports.client import PulseExportsClient
+    from pulse_exports.local_runs import run_pending_exports
+
+    keys = ApiKeyStore(os.environ["PULSE_DATABASE_URL"])
+    key = keys.create(tenant_name(1), name="demo")
+    with api_in_background() as base_url, PulseExportsClient(base_url, key.secret) as client:
+        created = client.create("alerts", format="ndjson", filters={"time_range": "30d"})
+        print(f"\nAPI:          {base_url}/docs  (key {key.key.prefix}..., tenant {key.key.tenant_id})")
+        print(f"              POST /api/v1/exports -> {created.status.value} {created.export_id}")
+        run_pending_exports(defs, instance, log_level="WARNING")  # what the daemon's sensor does
+        done = client.wait(created.export_id, timeout=120, interval=0.2)
+        completed = done.status.value == "COMPLETED"
+        files = client.download(done.id, home / "api-download" / str(done.id)) if completed else []
+        print(f"              GET  /api/v1/exports/{{id}} -> {done.status.value} rows={done.row_count}")
+        print(f"              GET  /api/v1/exports/{{id}}/download -> {', '.join(str(f) for f in files) or '-'}")
+    keys.revoke(str(key.key.id))  # the demo's key has done its job
+    return completed and bool(files)
 
 
 def run_demo(home: Path, *, telemetry_rows: int = 1_000_000) -> int:
@@ -83,6 +156,16 @@ def run_demo(home: Path, *, telemetry_rows: int = 1_000_000) -> int:
     defs = build_definitions(database=database, storage=ExportStorage(url=os.environ["PULSE_STORAGE_URL"]))
     with dg.DagsterInstance.get() as instance:
         runs = run_pending_exports(defs, instance, log_level="INFO")
+        ok = _print_summary(jobs, submitted, runs)
+        ok = run_api_leg(home, defs, instance) and ok
+    print(f"\ndone in {time.monotonic() - started:.1f}s.")
+    exports = " ".join(f"{k}={v}" for k, v in env.items())
+    print(f"Browse the runs:  {exports} dagster dev -w workspace.yaml" if exports else "Browse: dagster dev")
+    print("Run it all (Dagster UI and daemon beside the API, on these embedded defaults):  make up")
+    return 0 if ok else 1
+
+
+def _print_summary(jobs: Any, submitted: list[Any], runs: list[Any]) -> bool:
     ok = True
     print()
     for export_id in submitted:
@@ -98,7 +181,4 @@ def run_demo(home: Path, *, telemetry_rows: int = 1_000_000) -> int:
         if job.error:
             print(f"           error: {job.error}")
         ok = ok and job.status == "COMPLETED"
-    print(f"\ndone in {time.monotonic() - started:.1f}s.")
-    exports = " ".join(f"{k}={v}" for k, v in env.items())
-    print(f"Browse the runs:  {exports} dagster dev -w workspace.yaml" if exports else "Browse: dagster dev")
-    return 0 if ok else 1
+    return ok

@@ -33,7 +33,7 @@ CLIS = {
     "dagster-daemon": ("dagster._daemon.cli", "cli"),
 }
 DAGSTER_CLIS = ("dagster", "dagster-webserver", "dagster-daemon")
-PULSE_SERVICES = ("migrate", "dagster-code", "dagster-webserver", "dagster-daemon")
+PULSE_SERVICES = ("migrate", "dagster-code", "dagster-webserver", "dagster-daemon", "api")
 DAGSTER_SERVICES = ("dagster-code", "dagster-webserver", "dagster-daemon")
 # Read by the settings and resources of the code location, whatever definitions.py calls them.
 ENV_READ_BY_CODE = {
@@ -227,6 +227,7 @@ def test_postgres_minio_and_webserver_publish_their_ports_and_the_code_server_st
     assert _published_ports(services["postgres"])[5432] == 5432
     assert _published_ports(services["minio"])[9000] == 9000
     assert _published_ports(services["dagster-webserver"])[3000] == 3000
+    assert _published_ports(services["api"])[8000] == 8000
     assert _published_ports(services["dagster-code"]) == {}
     assert "4000" in [str(port) for port in services["dagster-code"].get("expose", [])]
 
@@ -302,7 +303,7 @@ def test_services_wait_for_the_database_migration_and_the_bucket(services):
 
     assert depends_on("migrate")["postgres"] == "service_healthy"
     assert depends_on("minio-init")["minio"] == "service_healthy"
-    for name in DAGSTER_SERVICES:
+    for name in (*DAGSTER_SERVICES, "api"):
         assert depends_on(name)["migrate"] == "service_completed_successfully", name
         assert depends_on(name)["minio-init"] == "service_completed_successfully", name
     for name in services:
@@ -391,6 +392,57 @@ def test_workspace_files_exist_in_the_image_and_name_one_code_location(services,
                 assert int(_option(code_server, "-p", "--port")) == target["port"]
     code_server_names = {_option(argv, "--location-name") for _, argv in _commands(services) if argv[0] == "dagster"}
     assert location_names | (code_server_names - {None}) == {LOCATION_NAME}
+
+
+# --- the product API ------------------------------------------------------------------------------
+
+
+def test_api_serves_on_all_interfaces_at_the_port_it_publishes(services, monkeypatch):
+    argv = _argv(services["api"]["command"])
+    assert argv[:2] == ["pulse-exports", "serve"]
+    _parse_in_service(services["api"], argv, monkeypatch)
+    assert _option(argv, "--host") == "0.0.0.0"  # reachable from the host and the other containers
+    port = int(_option(argv, "--port") or 0)
+    assert _published_ports(services["api"]) == {port: 8000}
+    health = next(arg for arg in services["api"]["healthcheck"]["test"] if "urlopen" in arg)
+    url = urlparse(re.search(r"'(http[^']+)'", health).group(1))
+    assert (url.hostname, url.port, url.path) == ("127.0.0.1", port, "/api/v1/health")
+
+
+def test_api_routes_its_healthcheck_and_docs_exist():
+    from pulse_exports.api.app import build_app
+    from pulse_exports.api.settings import ApiSettings
+
+    app = build_app(ApiSettings(database_url="postgresql://unused/db", storage_url="file:///unused"))
+    paths = app.openapi()["paths"]
+    assert "get" in paths["/api/v1/health"] and "post" in paths["/api/v1/exports"]
+    assert app.docs_url == "/docs"
+
+
+def test_api_launches_through_the_webserver_graphql_and_links_to_published_ports(services):
+    from pulse_exports.api.settings import ApiSettings
+
+    env = _env(services["api"])
+    known = {f"PULSE_{name.upper()}" for name in ApiSettings.model_fields}
+    assert not {name for name in env if name.startswith("PULSE_")} - known, "every PULSE_* variable is a setting"
+    webserver = _argv(services["dagster-webserver"]["command"])
+    graphql = urlparse(env["PULSE_DAGSTER_GRAPHQL_URL"])
+    assert (graphql.hostname, graphql.port, graphql.path) == (
+        "dagster-webserver",
+        int(_option(webserver, "-p", "--port")),
+        "/graphql",
+    )
+    # links the API hands to a browser on the host go to the ports compose publishes there
+    for variable, service, container_port in (
+        ("PULSE_DAGSTER_UI_URL", "dagster-webserver", 3000),
+        ("PULSE_S3_PUBLIC_ENDPOINT_URL", "minio", 9000),
+        ("PULSE_API_PUBLIC_URL", "api", 8000),
+    ):
+        url = urlparse(env[variable])
+        assert (url.hostname, url.port) == ("127.0.0.1", _published_ports(services[service])[container_port]), variable
+    settings = ApiSettings(**{k.removeprefix("PULSE_").lower(): v for k, v in env.items() if k in known})
+    assert settings.dagster_location_name == LOCATION_NAME  # the location the workspace files load
+    assert {"dagster-webserver", "migrate", "minio-init"} <= set(services["api"]["depends_on"])
 
 
 # --- Dockerfile ------------------------------------------------------------------------------------
