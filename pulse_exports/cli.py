@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -76,32 +76,50 @@ def export_types() -> None:
     _echo_json(_database().catalog().describe())
 
 
+def _export_spec_options(filters_help: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """The options that describe an export, shared by `submit` and `schedule create`."""
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        for option in reversed(
+            (
+                click.option("--type", "export_type", required=True),
+                click.option("--format", "fmt", default="csv", show_default=True),
+                click.option("--compression"),
+                click.option("--columns", help="Comma-separated column names."),
+                click.option("--filters", help=filters_help),
+                click.option("--row-limit", type=int),
+            )
+        ):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _validated(database: Any, tenant: str, spec: dict[str, Any], options: dict[str, Any], hint: str) -> Any:
+    """The catalog's ExportRequest for a command's export options; its errors end the command naming the field."""
+    try:
+        return database.catalog().validate(
+            tenant_id=tenant,
+            export_type=spec["export_type"],
+            format=spec["fmt"],
+            compression=spec["compression"],
+            columns=spec["columns"],
+            filters=_json_object(spec["filters"], "--filters"),
+            row_limit=spec["row_limit"],
+            options=options,
+        )
+    except ExportRequestError as exc:
+        raise click.UsageError(f"invalid {hint}: {exc}") from None
+
+
 @main.command()
 @click.option("--tenant", help="Required without PULSE_API_URL; through the API, the API key names the tenant.")
-@click.option("--type", "export_type", required=True)
-@click.option("--format", "fmt", default="csv", show_default=True)
-@click.option("--compression")
-@click.option("--columns", help="Comma-separated column names.")
-@click.option("--filters", help='JSON object, e.g. {"time_range": "24h"}.')
-@click.option("--row-limit", type=int)
+@_export_spec_options('JSON object, e.g. {"time_range": "24h"}.')
 @click.option("--option", "options", multiple=True, help="key=value, e.g. part_max_rows=100000.")
 @click.option("--idempotency-key")
-def submit(
-    tenant: str | None,
-    export_type: str,
-    fmt: str,
-    compression: str | None,
-    columns: str | None,
-    filters: str | None,
-    row_limit: int | None,
-    options: tuple[str, ...],
-    idempotency_key: str | None,
-) -> None:
+def submit(tenant: str | None, options: tuple[str, ...], idempotency_key: str | None, **spec: Any) -> None:
     """Create an export job (PENDING); the sensor launches its run. Prints the job as JSON."""
-    try:
-        parsed_filters = json.loads(filters) if filters else None
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--filters") from None
     parsed_options: dict[str, Any] = {}
     for item in options:
         key, sep, value = item.partition("=")
@@ -112,14 +130,15 @@ def submit(
         except json.JSONDecodeError:
             parsed_options[key] = value
     if os.environ.get("PULSE_API_URL"):
+        columns = spec["columns"]
         with _through_api() as client:
             created = client.create(
-                export_type,
-                format=fmt,
-                compression=compression,
+                spec["export_type"],
+                format=spec["fmt"],
+                compression=spec["compression"],
                 columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None,
-                filters=parsed_filters,
-                row_limit=row_limit,
+                filters=_json_object(spec["filters"], "--filters"),
+                row_limit=spec["row_limit"],
                 options=parsed_options or None,
                 idempotency_key=idempotency_key,
             )
@@ -128,19 +147,7 @@ def submit(
     if not tenant:
         raise click.UsageError("--tenant is required (or set PULSE_API_URL and PULSE_API_KEY to go through the API)")
     database = _database()
-    try:
-        request = database.catalog().validate(
-            tenant_id=tenant,
-            export_type=export_type,
-            format=fmt,
-            compression=compression,
-            columns=columns,
-            filters=parsed_filters,
-            row_limit=row_limit,
-            options=parsed_options,
-        )
-    except ExportRequestError as exc:
-        raise click.UsageError(f"invalid request: {exc}") from None
+    request = _validated(database, tenant, spec, parsed_options, "request")
     job, _ = database.jobs().create(request, created_by="cli", idempotency_key=idempotency_key)
     _echo_json(job.to_dict())
 
@@ -384,12 +391,7 @@ def _json_object(value: str | None, hint: str) -> Any:
 @click.option("--name", required=True, help="Unique per tenant.")
 @click.option("--cron", required=True, help='Five fields, e.g. "*/15 * * * *" or "0 6 * * mon-fri".')
 @click.option("--timezone", "tz", default="UTC", show_default=True, help="IANA name the cron is read in.")
-@click.option("--type", "export_type", required=True)
-@click.option("--format", "fmt", default="csv", show_default=True)
-@click.option("--compression")
-@click.option("--columns", help="Comma-separated column names.")
-@click.option("--filters", help='JSON object, e.g. {"time_range": "24h"}: relative ranges move with each tick.')
-@click.option("--row-limit", type=int)
+@_export_spec_options('JSON object, e.g. {"time_range": "24h"}: relative ranges move with each tick.')
 @click.option("--options", "options_json", help='JSON object, e.g. {"part_max_rows": 100000}.')
 @click.option("--expires-in", type=int, help="Seconds each export's files are kept.")
 @click.option("--callback-url", help="Told when each export ends (PULSE_CALLBACK_ALLOWLIST applies).")
@@ -398,15 +400,10 @@ def schedule_create(
     name: str,
     cron: str,
     tz: str,
-    export_type: str,
-    fmt: str,
-    compression: str | None,
-    columns: str | None,
-    filters: str | None,
-    row_limit: int | None,
     options_json: str | None,
     expires_in: int | None,
     callback_url: str | None,
+    **spec: Any,
 ) -> None:
     """Create a schedule and print it as JSON; its first export is at the next tick."""
     from pulse_exports.netguard import Allowlist, validate_callback_url
@@ -414,18 +411,8 @@ def schedule_create(
     options = dict(_json_object(options_json, "--options") or {})
     if expires_in is not None:
         options["expires_in"] = expires_in
-    database = _database()
+    request = _validated(_database(), tenant, spec, options, "schedule")
     try:
-        request = database.catalog().validate(
-            tenant_id=tenant,
-            export_type=export_type,
-            format=fmt,
-            compression=compression,
-            columns=columns,
-            filters=_json_object(filters, "--filters"),
-            row_limit=row_limit,
-            options=options,
-        )
         checked_url = validate_callback_url(callback_url, Allowlist.from_env()) if callback_url else None
         created = _schedules().create(
             request, name=name, cron=cron, timezone=tz, callback_url=checked_url, created_by="cli"

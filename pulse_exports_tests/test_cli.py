@@ -6,6 +6,7 @@ import csv
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,7 +142,12 @@ def test_demo_runs_two_exports_on_embedded_defaults(tmp_path: Path) -> None:
         assert len(lines) == 2 and all(" COMPLETED " in line for line in lines)
         assert "rows=2000 " in lines[0]  # tenant-001 holds 40% of the 5,000 rows
         files = sorted(p.name for p in (home / "exports" / "tenant-001").rglob("*") if p.is_file())
-        assert files == ["manifest.json", "manifest.json", "part-00000.csv.gz", "part-00000.parquet"]
+        assert files == ["manifest.json"] * 3 + ["part-00000.csv.gz", "part-00000.ndjson", "part-00000.parquet"]
+        # the product API's leg: POST, GET until COMPLETED, download (sha256-checked by the client)
+        api_rows = re.search(r"GET  /api/v1/exports/\{id\} -> COMPLETED rows=(\d+)", done.stdout)
+        assert "POST /api/v1/exports -> PENDING" in done.stdout and api_rows, done.stdout
+        (downloaded,) = (home / "api-download").rglob("part-00000.ndjson")
+        assert len(downloaded.read_text().splitlines()) == int(api_rows.group(1)) > 0
         again = subprocess.run(
             [sys.executable, "-m", "pulse_exports.cli", "demo", "--home", str(home)],
             env=env, capture_output=True, text=True, timeout=300, check=False,
