@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,16 @@ _DELETE_BATCH = 1000  # the most keys one S3 DeleteObjects call accepts
 _TEMP_PREFIX = ".pulse-tmp-"  # in-flight local writes; never a key segment, never listed
 
 
+class PartUpload(Protocol):
+    """The storing of one part file, begun while the file is still being written."""
+
+    def finish(self) -> None:
+        """The file is complete and closed: store the rest of it and publish the object."""
+
+    def abort(self) -> None:
+        """Give up: nothing is published and nothing unfinished is left behind."""
+
+
 @runtime_checkable
 class ExportStore(Protocol):
     """Object storage for export parts, addressed by keys relative to the store's root."""
@@ -34,6 +45,7 @@ class ExportStore(Protocol):
     location: str
 
     def put_file(self, key: str, path: Path, content_type: str | None = None) -> None: ...
+    def begin_upload(self, key: str, path: Path, content_type: str | None = None) -> PartUpload: ...
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
     def download_file(self, key: str, path: Path) -> None: ...
@@ -97,6 +109,11 @@ class LocalExportStore:
     def put_file(self, key: str, path: Path, content_type: str | None = None) -> None:
         with self._atomic_target(key) as temp:
             shutil.copyfile(path, temp)
+
+    def begin_upload(self, key: str, path: Path, content_type: str | None = None) -> PartUpload:
+        """A local copy is fast and atomic: it happens at ``finish``."""
+        validate_key(key)
+        return _CopyWhenFinished(lambda: self.put_file(key, path, content_type))
 
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         with self._atomic_target(key) as temp:
@@ -213,6 +230,10 @@ class S3ExportStore:
                 _log.warning("could not abort the unfinished upload of %s", self.uri(key), exc_info=True)
             raise
 
+    def begin_upload(self, key: str, path: Path, content_type: str | None = None) -> PartUpload:
+        """Upload ``path`` chunk by chunk while it grows, so little is left to send once it is closed."""
+        return _TailUpload(self, key, path, content_type, self._transfer_config.multipart_chunksize)
+
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
         self._client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=data, **extra)
@@ -304,6 +325,109 @@ class S3ExportStore:
             if code in ("404", "NoSuchKey", "NotFound"):
                 raise FileNotFoundError(f"no object at {self.uri(key)}") from error
             raise
+
+
+class _CopyWhenFinished:
+    def __init__(self, store: Callable[[], None]) -> None:
+        self._store = store
+
+    def finish(self) -> None:
+        self._store()
+
+    def abort(self) -> None:
+        pass
+
+
+class _TailUpload:
+    """A multipart upload of an append-only file that is still being written.
+
+    A thread sends each full ``chunk_size`` piece as soon as the file has grown past it; ``finish``
+    sends the remainder and completes the upload (a file smaller than one chunk is one plain PUT).
+    Writers append only (CSV, JSON, gzip, zstd and Parquet never seek back), so the bytes below the
+    file's size are final. Memory: one chunk in flight.
+    """
+
+    def __init__(
+        self, store: S3ExportStore, key: str, path: Path, content_type: str | None, chunk_size: int, poll: float = 0.05
+    ) -> None:
+        self._store = store
+        self._key = key
+        self._object_key = store._object_key(key)
+        self._path = path
+        self._content_type = content_type
+        self._chunk_size = max(chunk_size, 5 * MiB)  # S3's smallest part but the last
+        self._poll = poll
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self._offset = 0
+        self._error: BaseException | None = None
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"upload {key}", daemon=True)
+        self._thread.start()
+
+    def _send(self, length: int) -> None:
+        client = self._store._client
+        if self._upload_id is None:
+            extra = {"ContentType": self._content_type} if self._content_type else {}
+            created = client.create_multipart_upload(Bucket=self._store.bucket, Key=self._object_key, **extra)
+            self._upload_id = str(created["UploadId"])
+        with self._path.open("rb") as file:
+            file.seek(self._offset)
+            body = file.read(length)
+        number = len(self._parts) + 1
+        answer = client.upload_part(
+            Bucket=self._store.bucket, Key=self._object_key, UploadId=self._upload_id, PartNumber=number, Body=body
+        )
+        self._parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+        self._offset += len(body)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                closed = self._closed.is_set()  # read before the size: once closed, the size is final
+                while self._path.exists() and self._path.stat().st_size - self._offset >= self._chunk_size:
+                    self._send(self._chunk_size)
+                if closed:
+                    return
+                self._closed.wait(self._poll)
+        except BaseException as exc:  # reported by finish(); this thread must not die silently
+            self._error = exc
+
+    def _stop(self) -> None:
+        self._closed.set()
+        self._thread.join()
+
+    def finish(self) -> None:
+        self._stop()
+        try:
+            if self._error is not None:
+                raise self._error
+            if self._upload_id is None:
+                self._store.put_file(self._key, self._path, self._content_type)
+                return
+            remaining = self._path.stat().st_size - self._offset
+            if remaining:
+                self._send(remaining)
+            self._store._client.complete_multipart_upload(
+                Bucket=self._store.bucket,
+                Key=self._object_key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": self._parts},
+            )
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self._stop()
+        if self._upload_id is not None:
+            upload_id, self._upload_id = self._upload_id, None
+            try:
+                self._store._client.abort_multipart_upload(
+                    Bucket=self._store.bucket, Key=self._object_key, UploadId=upload_id
+                )
+            except Exception:
+                _log.warning("could not abort the unfinished upload of %s", self._store.uri(self._key), exc_info=True)
 
 
 def store_from_url(

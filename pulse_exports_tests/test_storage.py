@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,6 +211,91 @@ def test_failed_upload_is_aborted_even_when_the_transfers_own_abort_fails(
 
     assert len(abort_calls) == 2  # s3transfer's abort failed; the store's own sweep did it
     assert unfinished_uploads(s3_endpoint.client(), s3_bucket) == []
+
+
+def _write_slowly(path: Path, chunks: list[bytes], part_calls: list[int]) -> list[int]:
+    """Append ``chunks`` to ``path`` one by one; how many parts had gone up after each append."""
+    sent = []
+    with path.open("wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+            f.flush()
+            time.sleep(0.3)  # the upload thread polls every 50 ms
+            sent.append(len(part_calls))
+    return sent
+
+
+@pytest.fixture
+def part_calls(small_part_client: Any) -> Iterator[list[int]]:
+    """The part numbers of the UploadPart calls the small-part store's client makes, in order."""
+    calls: list[int] = []
+
+    def count(params: dict[str, Any], **_: Any) -> None:
+        calls.append(params["PartNumber"])
+
+    small_part_client.meta.events.register("provide-client-params.s3.UploadPart", count)
+    yield calls
+    small_part_client.meta.events.unregister("provide-client-params.s3.UploadPart", count)
+
+
+def test_begun_upload_sends_full_chunks_while_the_file_grows(
+    small_part_store: S3ExportStore, part_calls: list[int], tmp_path: Path, s3_endpoint: S3Endpoint, s3_bucket: str
+) -> None:
+    path = tmp_path / "growing.csv"
+    path.touch()
+    upload = small_part_store.begin_upload("t/e/part-00000.csv", path, content_type="text/csv")
+    chunks = [os.urandom(3 * MiB) for _ in range(5)] + [b"tail"]  # 15 MiB + 4 bytes: three 5 MiB parts, then 4 bytes
+    sent_while_writing = _write_slowly(path, chunks, part_calls)
+    upload.finish()
+
+    assert sent_while_writing[-1] >= 2, sent_while_writing  # parts went up while the file was being written
+    assert part_calls == [1, 2, 3, 4]
+    head = s3_endpoint.client().head_object(Bucket=s3_bucket, Key="exports/t/e/part-00000.csv")
+    assert head["ETag"].strip('"').endswith("-4") and head["ContentType"] == "text/csv"
+    target = tmp_path / "back.csv"
+    small_part_store.download_file("t/e/part-00000.csv", target)
+    assert target.read_bytes() == b"".join(chunks)
+    assert unfinished_uploads(s3_endpoint.client(), s3_bucket) == []
+
+
+def test_begun_upload_of_a_small_file_is_one_put(
+    small_part_store: S3ExportStore, part_calls: list[int], tmp_path: Path
+) -> None:
+    path = tmp_path / "small.ndjson"
+    upload = small_part_store.begin_upload("t/e/small.ndjson", path)  # not even created yet
+    path.write_bytes(b'{"a": 1}\n')
+    upload.finish()
+    assert part_calls == []
+    assert small_part_store.get_bytes("t/e/small.ndjson") == b'{"a": 1}\n'
+
+
+def test_aborted_or_failed_begun_upload_leaves_no_object_and_no_unfinished_upload(
+    small_part_store: S3ExportStore, failing_part_upload: Any, tmp_path: Path, s3_endpoint: S3Endpoint, s3_bucket: str
+) -> None:
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(12 * MiB))
+    upload = small_part_store.begin_upload("t/e/big.bin", path)
+    with pytest.raises(InjectedUploadFault, match="part 2"):  # the upload thread's error surfaces at finish
+        upload.finish()
+    assert unfinished_uploads(s3_endpoint.client(), s3_bucket) == []
+    assert not small_part_store.exists("t/e/big.bin")
+
+    aborted = small_part_store.begin_upload("t/e/other.bin", path)
+    aborted.abort()
+    assert unfinished_uploads(s3_endpoint.client(), s3_bucket) == []
+    assert not small_part_store.exists("t/e/other.bin")
+
+
+def test_local_begun_upload_publishes_at_finish_only(tmp_path: Path) -> None:
+    store = LocalExportStore(tmp_path / "exports")
+    path = tmp_path / "part.csv"
+    path.write_text("a\n1\n")
+    upload = store.begin_upload("t/e/part.csv", path)
+    assert not store.exists("t/e/part.csv")
+    upload.finish()
+    assert store.get_bytes("t/e/part.csv") == b"a\n1\n"
+    store.begin_upload("t/e/never.csv", path).abort()
+    assert not store.exists("t/e/never.csv")
 
 
 def test_abort_multipart_uploads_aborts_only_uploads_under_the_prefix(
