@@ -38,7 +38,7 @@ def build_definitions(
         resources={
             "database": database or PulseDatabase(url=dg.EnvVar("PULSE_DATABASE_URL")),
             "storage": storage or ExportStorage(url=dg.EnvVar("PULSE_STORAGE_URL")),
-            "settings": settings or ExportSettings(),
+            "settings": settings or ExportSettings.from_env(),
             "callbacks": callbacks or CallbackSettings(),
         },
     )

@@ -5,17 +5,18 @@ already taken, finished or cancelled) skips the rest and ends cleanly. Any error
 FAILED with a short reason before the run fails.
 """
 
+import dataclasses
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import psycopg
 
-from pulse_exports.catalog import ExportRequestError
+from pulse_exports.catalog import ExportRequest, ExportRequestError
 from pulse_exports.heartbeat import Heartbeat
 from pulse_exports.jobstore import ExportJob
 from pulse_exports.pipeline import (
@@ -30,6 +31,7 @@ from pulse_exports.pipeline import (
     write_export,
     write_manifest,
 )
+from pulse_exports.quotas import QuotaConfigError, QuotaExceeded
 from pulse_exports.redact import redact
 from pulse_exports.resources import ExportSettings, ExportStorage, PulseDatabase
 
@@ -55,6 +57,10 @@ def failure_reason(step: str, exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else name
     if isinstance(exc, ExportRequestError):
         hint = "the request no longer matches the catalog"
+    elif isinstance(exc, QuotaExceeded):
+        hint = "over the tenant's quota"
+    elif isinstance(exc, QuotaConfigError):
+        hint = "the service's quota configuration is invalid"
     elif "psycopg" in type(exc).__module__ or "connectorx" in text.lower():
         hint = "the source database refused the query or is unreachable"
     elif "botocore" in type(exc).__module__ or "boto3" in type(exc).__module__ or isinstance(exc, OSError):
@@ -75,7 +81,8 @@ def failing_job_on_error(database: PulseDatabase, export_id: str, run_id: str, s
     except Exception as exc:
         reason = failure_reason(step, exc)
         database.jobs().fail(uuid.UUID(export_id), reason, run_id=run_id)
-        raise dg.Failure(description=reason) from exc
+        # Another attempt would go over the same quota: no run retry.
+        raise dg.Failure(description=reason, allow_retries=not isinstance(exc, QuotaExceeded)) from exc
 
 
 @dg.op(out=dg.Out(dict, is_required=False), description="PENDING/QUEUED -> RUNNING, atomically, for this run.")
@@ -97,9 +104,10 @@ def plan_export(
     export_id = claimed["export_id"]
     with failing_job_on_error(database, export_id, context.run_id, "plan"), _heartbeat(database, settings, context):
         job = _job(database, export_id)
+        quota = settings.quotas().for_tenant(job.tenant_id)
         catalog = database.catalog()
         with psycopg.connect(database.source()) as conn:
-            plan = catalog.plan(conn, job.request, metric_sample_rows=METRIC_SAMPLE_ROWS)
+            plan = catalog.plan(conn, _quota_request(job, quota.max_rows), metric_sample_rows=METRIC_SAMPLE_ROWS)
             estimate = _estimate_rows(conn, plan.count_query)
         if job.row_limit is not None:
             estimate = min(estimate, job.row_limit)
@@ -113,6 +121,8 @@ def plan_export(
         "estimate": estimate,
         "metrics_sampled": plan.metrics_sampled,
         "unplanned_keys_query": plan.unplanned_keys_query,
+        "max_rows": quota.max_rows,
+        "max_bytes": quota.max_bytes,
     }
 
 
@@ -143,6 +153,9 @@ def extract_and_write(
                 limits=limits,
                 on_progress=lambda rows: not beat.lost and jobs.record_progress(job.id, run_id, rows),
                 workdir=Path(settings.workdir) if settings.workdir else None,
+                max_rows=plan.get("max_rows"),
+                max_bytes=plan.get("max_bytes"),
+                owns_export=lambda: jobs.owns(job.id, run_id),
             )
 
         outcome = _export_checking_metric_columns(context, database, job, plan, export)
@@ -163,7 +176,10 @@ def finish_export(
     with failing_job_on_error(database, export_id, context.run_id, "finish"):
         job = _job(database, export_id)
         store = storage.get_store()
+        jobs = database.jobs()
         try:
+            if not jobs.heartbeat(job.id, context.run_id):  # never write the manifest of an export taken over
+                raise ExportCancelled("the export was cancelled or taken over by another run")
             manifest = write_manifest(store, export_id, job.request, outcome)
             done = database.jobs().complete(
                 job.id,
@@ -175,10 +191,12 @@ def finish_export(
                 retention=_retention(job, settings),
             )
         except BaseException:
-            discard_export(store, export_prefix(job.tenant_id, export_id))
+            if jobs.owns(job.id, context.run_id):  # else the files are the run's that took the export over
+                discard_export(store, export_prefix(job.tenant_id, export_id))
             raise
         if not done:
-            discard_export(store, export_prefix(job.tenant_id, export_id))
+            if jobs.owns(job.id, context.run_id):
+                discard_export(store, export_prefix(job.tenant_id, export_id))
             raise ExportCancelled("the export was cancelled before it could complete")
     seconds = max(outcome["seconds"], 1e-6)
     context.add_output_metadata(
@@ -188,8 +206,11 @@ def finish_export(
             "rows": dg.MetadataValue.int(outcome["row_count"]),
             "bytes": dg.MetadataValue.int(outcome["bytes"]),
             "parts": dg.MetadataValue.int(len(outcome["parts"])),
+            # throughput of the data path (extract + write); duration_seconds is claim to COMPLETED
             "rows_per_second": dg.MetadataValue.float(round(outcome["row_count"] / seconds, 1)),
-            "seconds": dg.MetadataValue.float(round(seconds, 3)),
+            "mib_per_second": dg.MetadataValue.float(round(outcome["bytes"] / 2**20 / seconds, 3)),
+            "write_seconds": dg.MetadataValue.float(round(seconds, 3)),
+            "duration_seconds": dg.MetadataValue.float(_since(job.started_at)),
             "location": dg.MetadataValue.text(outcome["location"]),
             "manifest": dg.MetadataValue.json(
                 {k: manifest[k] for k in ("format", "compression", "row_count", "bytes", "columns")}
@@ -197,6 +218,11 @@ def finish_export(
         }
     )
     context.log.info(f"export {export_id} COMPLETED: {outcome['row_count']} rows at {outcome['location']}")
+
+
+def _since(started_at: datetime | None) -> float:
+    """Seconds from the claim (export_jobs.started_at) to now, as /metrics measures export duration."""
+    return round((datetime.now(timezone.utc) - started_at).total_seconds(), 3) if started_at else 0.0
 
 
 def _heartbeat(database: PulseDatabase, settings: ExportSettings, context: dg.OpExecutionContext) -> Heartbeat:
@@ -239,8 +265,17 @@ def _export_checking_metric_columns(
     if outcome is not None:
         context.log.info("a row has a metric key the sample lacked: planning from every row")
     with psycopg.connect(database.source()) as conn:
-        exact = database.catalog().plan(conn, job.request)
+        exact = database.catalog().plan(conn, _quota_request(job, plan.get("max_rows")))
     return export(exact.query)
+
+
+def _quota_request(job: ExportJob, max_rows: int | None) -> ExportRequest:
+    """The request to plan: with a max_rows quota, the query reads at most max_rows + 1 rows,
+    enough to tell an export over the quota (write_export fails it) without reading the rest."""
+    request = job.request
+    if max_rows is None or (request.row_limit is not None and request.row_limit <= max_rows):
+        return request
+    return dataclasses.replace(request, row_limit=max_rows + 1)
 
 
 def _job(database: PulseDatabase, export_id: str) -> ExportJob:

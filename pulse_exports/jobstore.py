@@ -18,8 +18,12 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from pulse_exports.catalog import ExportRequest
+from pulse_exports.quotas import QuotaExceeded
 
 ACTIVE = ("PENDING", "QUEUED", "RUNNING")
+# First key of the per-tenant advisory lock that makes "count active jobs, then insert" atomic
+# (the second key is hashtext(tenant_id); two tenants sharing a hash only wait for each other).
+_ACTIVE_JOBS_LOCK = 0x7073_6171  # "psaq"
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "EXPIRED")
 MAX_ERROR_LENGTH = 2000
 
@@ -127,39 +131,81 @@ class JobStore:
         callback_url: str | None = None,
         created_by: str | None = None,
         idempotency_key: str | None = None,
+        max_active_jobs: int | None = None,
     ) -> tuple[ExportJob, bool]:
         """Insert a PENDING job; with an idempotency key already used by this tenant, return that
-        job instead. Returns (job, created). Safe under concurrent requests with one key."""
-        with self.connect() as conn:
+        job instead. Returns (job, created). Safe under concurrent requests with one key.
+
+        With ``max_active_jobs``, raise QuotaExceeded when the tenant already has that many PENDING,
+        QUEUED or RUNNING jobs (a repeated idempotency key still returns its job). A transaction-level
+        advisory lock per tenant serialises count and insert, so concurrent requests cannot overshoot."""
+        if max_active_jobs is None:
+            with self.connect() as conn:
+                return self._insert(conn, request, callback_url, created_by, idempotency_key)
+        with self.connect() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_ACTIVE_JOBS_LOCK, request.tenant_id))
+            existing = self._by_idempotency_key(conn, request.tenant_id, idempotency_key) if idempotency_key else None
+            if existing is not None:
+                return existing, False
             row = conn.execute(
-                _q("""
-                INSERT INTO export_jobs (tenant_id, export_type, format, compression, columns, filters,
-                                         row_limit, options, callback_url, created_by, idempotency_key)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-                ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
-                RETURNING {cols}
-                """),
-                (
-                    request.tenant_id,
-                    request.export_type,
-                    request.format,
-                    request.compression,
-                    list(request.columns) if request.columns else None,
-                    Jsonb(dict(request.filters)),
-                    request.row_limit,
-                    Jsonb(dict(request.options)),
-                    callback_url,
-                    created_by,
-                    idempotency_key,
-                ),
+                "SELECT count(*) AS n FROM (SELECT 1 FROM export_jobs WHERE tenant_id = %s"
+                " AND status IN ('PENDING', 'QUEUED', 'RUNNING') LIMIT %s) AS active",
+                (request.tenant_id, max_active_jobs),
             ).fetchone()
-            if row:
-                return ExportJob(**row), True
-            existing = conn.execute(
-                _q("SELECT {cols} FROM export_jobs WHERE tenant_id = %s AND idempotency_key = %s"),
-                (request.tenant_id, idempotency_key),
-            ).fetchone()
-        job = _job(existing)
+            active = int(row["n"]) if row else 0
+            if active >= max_active_jobs:
+                raise QuotaExceeded.for_active_jobs(max_active_jobs, active)
+            return self._insert(conn, request, callback_url, created_by, idempotency_key)
+
+    def find_by_idempotency_key(self, tenant_id: str, idempotency_key: str) -> ExportJob | None:
+        """The tenant's job made with this idempotency key, if any."""
+        with self.connect() as conn:
+            return self._by_idempotency_key(conn, tenant_id, idempotency_key)
+
+    @staticmethod
+    def _by_idempotency_key(
+        conn: psycopg.Connection[dict[str, Any]], tenant_id: str, idempotency_key: str | None
+    ) -> ExportJob | None:
+        row = conn.execute(
+            _q("SELECT {cols} FROM export_jobs WHERE tenant_id = %s AND idempotency_key = %s"),
+            (tenant_id, idempotency_key),
+        ).fetchone()
+        return _job(row)
+
+    @classmethod
+    def _insert(
+        cls,
+        conn: psycopg.Connection[dict[str, Any]],
+        request: ExportRequest,
+        callback_url: str | None,
+        created_by: str | None,
+        idempotency_key: str | None,
+    ) -> tuple[ExportJob, bool]:
+        row = conn.execute(
+            _q("""
+            INSERT INTO export_jobs (tenant_id, export_type, format, compression, columns, filters,
+                                     row_limit, options, callback_url, created_by, idempotency_key)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+            RETURNING {cols}
+            """),
+            (
+                request.tenant_id,
+                request.export_type,
+                request.format,
+                request.compression,
+                list(request.columns) if request.columns else None,
+                Jsonb(dict(request.filters)),
+                request.row_limit,
+                Jsonb(dict(request.options)),
+                callback_url,
+                created_by,
+                idempotency_key,
+            ),
+        ).fetchone()
+        if row:
+            return ExportJob(**row), True
+        job = cls._by_idempotency_key(conn, request.tenant_id, idempotency_key)
         assert job is not None, "idempotency conflict without a row"
         return job, False
 
@@ -260,6 +306,12 @@ class JobStore:
                 (job_id, run_id),
             )
             return cur.rowcount == 1
+
+    def owns(self, job_id: uuid.UUID, run_id: str) -> bool:
+        """Whether the job is still this run's, whatever its status; False once another run has taken it over."""
+        with self.connect() as conn:
+            row = conn.execute("SELECT run_id FROM export_jobs WHERE id = %s", (job_id,)).fetchone()
+        return row is not None and row["run_id"] == run_id
 
     def stale_running(self, older_than: timedelta, limit: int = 100) -> list[ExportJob]:
         """RUNNING jobs whose worker has not written a heartbeat for ``older_than``."""
@@ -459,6 +511,48 @@ class JobStore:
         assert row is not None
         return str(row["callback_secret"])
 
+    # -- metrics --------------------------------------------------------------------------
+    def statistics(self, duration_bounds: Sequence[float], *, by_tenant: bool = False) -> JobStatistics:
+        """Aggregates of the whole table for the metrics endpoint, in two single-pass statements.
+
+        Durations (completed_at - started_at of finished exports) come as counts per bucket: bucket i
+        holds the durations d with bounds[i-1] < d <= bounds[i], bucket len(bounds) those above the last.
+        """
+        bounds = sorted(set(duration_bounds))
+        with self.connect() as conn, conn.transaction():
+            conn.execute("SET LOCAL statement_timeout = '10s'")  # a slow scrape fails; it never piles up
+            groups = conn.execute(
+                """
+                SELECT status, export_type, CASE WHEN %(by_tenant)s THEN tenant_id END AS tenant_id,
+                       count(*) AS jobs,
+                       coalesce(sum(row_count) FILTER (WHERE status IN ('COMPLETED', 'EXPIRED')), 0) AS rows_exported,
+                       coalesce(sum(file_size_bytes) FILTER (WHERE status IN ('COMPLETED', 'EXPIRED')), 0)
+                           AS bytes_exported,
+                       count(*) FILTER (WHERE callback_status = 'pending') AS callbacks_pending,
+                       count(*) FILTER (WHERE callback_status = 'delivered') AS callbacks_delivered,
+                       count(*) FILTER (WHERE callback_status = 'failed') AS callbacks_failed,
+                       extract(epoch FROM now() - min(created_at))::float8 AS oldest_age_seconds,
+                       extract(epoch FROM now() - min(heartbeat_at))::float8 AS oldest_heartbeat_age_seconds
+                FROM export_jobs GROUP BY 1, 2, 3
+                """,
+                {"by_tenant": by_tenant},
+            ).fetchall()
+            durations = conn.execute(
+                """
+                SELECT export_type, width_bucket(d, %(b)s::float8[]) - (d = ANY(%(b)s::float8[]))::int AS bucket,
+                       count(*) AS jobs, sum(d) AS seconds
+                FROM (SELECT export_type, extract(epoch FROM completed_at - started_at)::float8 AS d FROM export_jobs
+                      WHERE status IN ('COMPLETED', 'EXPIRED') AND completed_at >= started_at) AS finished
+                GROUP BY 1, 2
+                """,
+                {"b": bounds},
+            ).fetchall()
+        return JobStatistics(
+            groups=[JobGroup(**row) for row in groups],
+            duration_bounds=bounds,
+            durations=[DurationBucket(**row) for row in durations],
+        )
+
 
 class PooledJobStore(JobStore):
     """A JobStore whose connections come from a pool (the API answers many short requests)."""
@@ -494,3 +588,39 @@ class CallbackState:
     next_at: datetime | None
     last_error: str | None
     delivered_at: datetime | None
+
+
+@dataclass(frozen=True)
+class JobGroup:
+    """export_jobs rows of one status and export type (and tenant, when asked), aggregated."""
+
+    status: str
+    export_type: str
+    tenant_id: str | None
+    jobs: int
+    rows_exported: int
+    bytes_exported: int
+    callbacks_pending: int
+    callbacks_delivered: int
+    callbacks_failed: int
+    oldest_age_seconds: float  # since the oldest row's created_at
+    oldest_heartbeat_age_seconds: float | None
+
+
+@dataclass(frozen=True)
+class DurationBucket:
+    """Finished exports of one type whose duration falls in one bucket (see JobStore.statistics)."""
+
+    export_type: str
+    bucket: int
+    jobs: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class JobStatistics:
+    """The whole table at one instant, for the metrics endpoint."""
+
+    groups: list[JobGroup]
+    duration_bounds: list[float]
+    durations: list[DurationBucket]

@@ -21,7 +21,8 @@ import pyarrow as pa
 
 from pulse_exports.catalog import ExportRequest
 from pulse_exports.formats import content_type, file_extension, open_part_writer, output_schema
-from pulse_exports.storage import ExportStore
+from pulse_exports.quotas import QuotaExceeded
+from pulse_exports.storage import ExportStore, PartUpload
 
 MANIFEST_NAME = "manifest.json"
 DEFAULT_BATCH_ROWS = 65_536
@@ -112,12 +113,18 @@ def write_export(
     on_progress: Callable[[int], bool] | None = None,
     workdir: Path | None = None,
     progress_interval: float = 0.5,
+    max_rows: int | None = None,
+    max_bytes: int | None = None,
+    owns_export: Callable[[], bool] | None = None,
 ) -> ExportOutcome:
     """Write every batch of ``reader`` into parts under the export's prefix (no manifest yet).
 
     ``on_progress(rows_done)`` is called after batches (at most every ``progress_interval``
     seconds) and after each part; when it returns False the export stops with ExportCancelled.
-    On any failure the parts already uploaded are deleted, so no half-export is left behind.
+    More than ``max_rows`` rows, or parts totalling more than ``max_bytes``, stop it with
+    QuotaExceeded (the tenant's quotas; a query limited to ``max_rows + 1`` rows stops early).
+    On any failure the parts already uploaded are deleted, so no half-export is left behind, unless
+    ``owns_export()`` says another run has taken the export over: the files under the prefix are its own.
     """
     started = time.monotonic()
     prefix = export_prefix(request.tenant_id, export_id)
@@ -127,6 +134,7 @@ def write_export(
     schema = reader.schema
     parts: list[PartInfo] = []
     rows_done = 0
+    bytes_done = 0  # of the finished parts
     pending: Future[None] | None = None
     last_progress = 0.0
 
@@ -141,34 +149,43 @@ def write_export(
 
     with tempfile.TemporaryDirectory(prefix="pulse-export-", dir=workdir) as tmp, ThreadPoolExecutor(1) as uploads:
         writer = None
+        upload: PartUpload | None = None  # the part being written goes up while it grows (S3)
         try:
             # Clear what an earlier, crashed attempt may have left under this prefix.
             store.delete_prefix(prefix)
 
             def finish_part() -> None:
-                nonlocal writer, pending
-                assert writer is not None
+                nonlocal writer, upload, pending, bytes_done
+                assert writer is not None and upload is not None
                 result = writer.close()
+                writer = None
+                bytes_done += result.bytes
+                if max_bytes is not None and bytes_done > max_bytes:
+                    raise QuotaExceeded.for_bytes(max_bytes)  # `upload` is still set: the except below aborts it
+                part_upload, upload = upload, None
                 index = len(parts)
                 path = Path(tmp) / f"part-{index:05d}.{ext}"
                 key = f"{prefix}part-{index:05d}.{ext}"
                 parts.append(PartInfo(index, key, result.rows, result.bytes, result.sha256))
-                writer = None
                 if pending is not None:
                     pending.result()  # at most one upload in flight: bounded disk as well as memory
 
-                def upload() -> None:
-                    store.put_file(key, path, content_type=ctype)
+                def publish() -> None:
+                    part_upload.finish()
                     path.unlink(missing_ok=True)
 
-                pending = uploads.submit(upload)
+                pending = uploads.submit(publish)
                 report(force=True)
 
             def new_writer() -> Any:
-                path = Path(tmp) / f"part-{len(parts):05d}.{ext}"
-                return open_part_writer(
+                nonlocal upload
+                name = f"part-{len(parts):05d}.{ext}"
+                path = Path(tmp) / name
+                part_writer = open_part_writer(
                     path, request.format, request.compression, schema, neutralise_formulas=neutralise
                 )
+                upload = store.begin_upload(f"{prefix}{name}", path, content_type=ctype)
+                return part_writer
 
             for batch in reader:
                 if batch.num_rows == 0:
@@ -179,9 +196,13 @@ def write_export(
                         writer = new_writer()
                     room = limits.max_rows - writer.rows
                     piece = batch.slice(offset, room) if batch.num_rows - offset > room else batch.slice(offset)
+                    if max_rows is not None and rows_done + piece.num_rows > max_rows:
+                        raise QuotaExceeded.for_rows(max_rows)
                     writer.write(piece)
                     offset += piece.num_rows
                     rows_done += piece.num_rows
+                    if max_bytes is not None and bytes_done + writer.bytes_written > max_bytes:
+                        raise QuotaExceeded.for_bytes(max_bytes)
                     if writer.rows >= limits.max_rows or writer.bytes_written >= limits.max_bytes:
                         finish_part()
                 report()
@@ -194,9 +215,12 @@ def write_export(
         except BaseException:
             if writer is not None:
                 writer.abort()
+            if upload is not None:
+                upload.abort()
             if pending is not None:
                 pending.exception()  # wait for it; its own error is secondary to the one raised
-            discard_export(store, prefix)
+            if owns_export is None or owns_export():
+                discard_export(store, prefix)
             raise
     return ExportOutcome(
         prefix=prefix,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from datetime import timedelta
 
 import dagster as dg
@@ -12,6 +13,7 @@ from pydantic import Field
 from pulse_exports.callbacks import CallbackPolicy
 from pulse_exports.catalog import Catalog, OperatorTable
 from pulse_exports.jobstore import JobStore
+from pulse_exports.quotas import Quotas
 from pulse_exports.storage import ExportStore, store_from_url
 
 
@@ -75,10 +77,33 @@ class ExportSettings(dg.ConfigurableResource):
     heartbeat_interval_seconds: float = 15.0
     heartbeat_timeout_seconds: float = 120.0  # a RUNNING job silent this long has lost its worker
     workdir: str | None = Field(default=None, description="Local scratch for parts before upload.")
+    # Quotas: a field left unset reads the variable the API reads too (PULSE_QUOTA_*, PULSE_TENANT_QUOTAS).
+    quota_max_active_jobs: int | None = Field(default=None, description="Unset: PULSE_QUOTA_MAX_ACTIVE_JOBS.")
+    quota_max_rows: int | None = Field(default=None, description="Unset: PULSE_QUOTA_MAX_ROWS.")
+    quota_max_bytes: int | None = Field(default=None, description="Unset: PULSE_QUOTA_MAX_BYTES.")
+    tenant_quotas: str | None = Field(default=None, description="Unset: PULSE_TENANT_QUOTAS (JSON overrides).")
 
     @property
     def retention(self) -> timedelta:
         return timedelta(hours=self.retention_hours)
+
+    def quotas(self) -> Quotas:
+        """The quotas runs enforce; raises QuotaConfigError naming a variable that cannot be used."""
+        return Quotas.from_env(
+            max_active_jobs=self.quota_max_active_jobs,
+            max_rows=self.quota_max_rows,
+            max_bytes=self.quota_max_bytes,
+            tenant_quotas=self.tenant_quotas,
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ExportSettings:
+        """The defaults, each overridable by ``PULSE_EXPORT_<FIELD>``, e.g. PULSE_EXPORT_HEARTBEAT_TIMEOUT_SECONDS=300.
+        The quota fields are left unset: they read their own PULSE_QUOTA_* variables at use."""
+        env = os.environ if environ is None else environ
+        own = ("quota_", "tenant_quotas")
+        names = {name: f"PULSE_EXPORT_{name.upper()}" for name in cls.model_fields if not name.startswith(own)}
+        return cls(**{name: env[var] for name, var in names.items() if env.get(var)})
 
 
 class CallbackSettings(dg.ConfigurableResource):

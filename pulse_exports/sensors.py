@@ -1,5 +1,6 @@
 """Sensors: turn PENDING export_jobs rows into runs, and write back runs that end outside op code."""
 
+import os
 import uuid
 from datetime import timedelta
 
@@ -7,13 +8,15 @@ import dagster as dg
 
 from pulse_exports.callbacks import deliver_due_callbacks
 from pulse_exports.jobs import TAG_EXPORT_ID, export_job, export_tags, exports_partitions
-from pulse_exports.pipeline import export_prefix
+from pulse_exports.pipeline import discard_export, export_prefix
 from pulse_exports.recurring import enqueue_due_schedules
 from pulse_exports.resources import CallbackSettings, ExportSettings, ExportStorage, PulseDatabase
 
 # A QUEUED job whose run never appeared (a tick that failed after marking it) is requested
 # again after this long; run_key dedupe makes that a no-op when the run does exist.
 STALE_QUEUED_AFTER = timedelta(minutes=5)
+# How often the reconciler looks for stale heartbeats (read when the code location loads).
+RECONCILER_INTERVAL_SECONDS = int(os.environ.get("PULSE_RECONCILER_INTERVAL_SECONDS") or 30)
 
 
 @dg.sensor(
@@ -56,6 +59,17 @@ def dagster_will_retry(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool
     return int(run.tags.get("dagster/retry_number", "0")) < max_retries
 
 
+def worker_exit(instance: dg.DagsterInstance, run_id: str) -> str | None:
+    """How the run's worker process died, when the code server saw it go (SIGKILL, OOM kill, crash exit code):
+    e.g. "was terminated by signal 9 (SIGKILL)". None when it did not log that."""
+    marker = f"Run execution process for {run_id} "
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
+        text = entry.message or ""
+        if marker in text:
+            return text.split(marker, 1)[1].split(". ", 1)[0].rstrip(".")
+    return None
+
+
 @dg.run_failure_sensor(
     monitored_jobs=[export_job],
     default_status=dg.DefaultSensorStatus.RUNNING,
@@ -63,12 +77,16 @@ def dagster_will_retry(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool
     description="Marks an export FAILED when its run fails where op code could not (crash, lost worker), "
     "unless Dagster will retry the run, whose claim then takes the export over.",
 )
-def export_run_failure_sensor(context: dg.RunFailureSensorContext, database: PulseDatabase) -> None:
+def export_run_failure_sensor(
+    context: dg.RunFailureSensorContext, database: PulseDatabase, storage: ExportStorage
+) -> None:
     run = context.dagster_run
     export_id = _export_id(run)
     if export_id is None:
         return
     message = (context.failure_event.message or "run failed").splitlines()[0][:500]
+    if exit_clause := worker_exit(context.instance, run.run_id):
+        message = f"worker lost: its process {exit_clause}"
     jobs = database.jobs()
     job = jobs.get(export_id)
     if (
@@ -81,11 +99,13 @@ def export_run_failure_sensor(context: dg.RunFailureSensorContext, database: Pul
         context.log.info(f"export {export_id}: run failed, Dagster will retry it")
         return
     if jobs.fail(export_id, f"Dagster run {run.run_id} failed: {message}", run_id=run.run_id):
+        if job is not None:  # a failed export leaves no files: remove what the lost worker uploaded
+            discard_export(storage.get_store(), export_prefix(job.tenant_id, str(export_id)))
         context.log.info(f"export {export_id} marked FAILED")
 
 
 @dg.sensor(
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=RECONCILER_INTERVAL_SECONDS,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Finds RUNNING exports whose worker stopped heartbeating (e.g. SIGKILL), fails their "
     "Dagster run so retries apply, and aborts their unfinished uploads.",
@@ -108,9 +128,11 @@ def export_reconciler_sensor(
             instance.report_run_failed(run, message=reason)
             context.log.warning(f"export {job.id}: {reason}; run {run.run_id} marked failed")
             continue
+        if run is not None and run.is_complete_and_waiting_to_retry:
+            continue  # Dagster's retry daemon has yet to launch the retry, whose claim takes the export over
         retry = _retry_of(instance, job.run_id) if job.run_id else None
-        if retry is None or retry.is_finished:
-            jobs.fail(job.id, reason, run_id=job.run_id)
+        if (retry is None or retry.is_finished) and jobs.fail(job.id, reason, run_id=job.run_id):
+            discard_export(store, export_prefix(job.tenant_id, str(job.id)))
             context.log.warning(f"export {job.id}: {reason}; marked FAILED")
     return None
 

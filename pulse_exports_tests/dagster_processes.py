@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import yaml
 from psycopg import sql
 
 from pulse_exports_tests.servers import S3Endpoint, _free_ports
@@ -29,16 +30,25 @@ from pulse_exports_tests.servers import S3Endpoint, _free_ports
 LOCATION = "pulse_exports"
 REPOSITORY = "__repository__"
 
-# Dagster's defaults, but a queue that dequeues every second rather than five and no telemetry.
-_DAGSTER_YAML = """\
-telemetry:
-  enabled: false
-run_coordinator:
-  module: dagster.core.run_coordinator
-  class: QueuedRunCoordinator
-  config:
-    dequeue_interval_seconds: 1
-"""
+# The repository's production dagster.yaml: its queue limits and run retries are what the tests run under.
+PRODUCTION_DAGSTER_YAML = Path(__file__).resolve().parents[1] / "dagster.yaml"
+
+
+def instance_yaml(overrides: dict[str, Any] | None = None) -> str:
+    """SQLite storage (Dagster's default), the production ``concurrency`` (global and per-tenant run limits)
+    and ``run_retries``, no telemetry, and a queue that dequeues every second rather than every five.
+    ``overrides`` replace top-level keys (e.g. another ``run_launcher``)."""
+    production = yaml.safe_load(PRODUCTION_DAGSTER_YAML.read_text())
+    config = {
+        "telemetry": {"enabled": False},
+        "run_coordinator": {**production["run_coordinator"], "config": {"dequeue_interval_seconds": 1}},
+        "concurrency": production["concurrency"],
+        "run_retries": production["run_retries"],
+        **(overrides or {}),
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
 # `-m pulse_exports.definitions` would name the location after the module; the API launches into "pulse_exports".
 _WORKSPACE_YAML = f"""\
 load_from:
@@ -267,11 +277,16 @@ def dagster_services(
     """dagster-webserver and dagster-daemon on loopback, sharing a temporary SQLite DAGSTER_HOME.
 
     A test module may set ``STOPPED_SENSORS`` (sensor names): they are stopped before the daemon
-    starts, so they never tick (stopping them later races the daemon's own writes to SQLite)."""
+    starts, so they never tick (stopping them later races the daemon's own writes to SQLite).
+    ``DAGSTER_ENV`` (a dict) adds variables to the processes' environment, e.g. short heartbeats.
+    ``DAGSTER_INSTANCE`` (a dict) replaces top-level keys of dagster.yaml, e.g. ``run_launcher``."""
     home = tmp_path_factory.mktemp("dagster_home")
-    (home / "dagster.yaml").write_text(_DAGSTER_YAML)
+    (home / "dagster.yaml").write_text(instance_yaml(getattr(request.module, "DAGSTER_INSTANCE", None)))
     (home / "workspace.yaml").write_text(_WORKSPACE_YAML)
-    env = dagster_env(home, module_database_url, module_storage_url, s3_endpoint)
+    env = {
+        **dagster_env(home, module_database_url, module_storage_url, s3_endpoint),
+        **getattr(request.module, "DAGSTER_ENV", {}),
+    }
     (port,) = _free_ports(1)
     code = ["-w", str(home / "workspace.yaml")]
     webserver = ServiceProcess(

@@ -16,7 +16,7 @@ from pulse_exports.jobstore import ExportJob, JobStore
 from pulse_exports.local_runs import LocalRun, run_pending_exports
 from pulse_exports.resources import ExportSettings, ExportStorage, PulseDatabase
 from pulse_exports.sensors import export_run_failure_sensor
-from pulse_exports.storage import ExportStore
+from pulse_exports.storage import ExportStore, PartUpload
 
 
 class InjectedStorageFault(ConnectionError):
@@ -24,17 +24,38 @@ class InjectedStorageFault(ConnectionError):
 
 
 class FaultyStore:
-    """A real store whose put_file starts failing after ``fail_after`` successful uploads."""
+    """A real store whose uploads (put_file, begun uploads) start failing after ``fail_after`` succeeded."""
 
     def __init__(self, inner: ExportStore, fail_after: int) -> None:
         self._inner = inner
         self._left = fail_after
 
-    def put_file(self, key: str, path: Path, content_type: str | None = None) -> None:
+    def _spend(self) -> None:
         if self._left <= 0:
             raise InjectedStorageFault("injected: connection to the storage endpoint was reset")
         self._left -= 1
+
+    def put_file(self, key: str, path: Path, content_type: str | None = None) -> None:
+        self._spend()
         self._inner.put_file(key, path, content_type=content_type)
+
+    def begin_upload(self, key: str, path: Path, content_type: str | None = None) -> PartUpload:
+        inner = self._inner.begin_upload(key, path, content_type=content_type)
+        store = self
+
+        class Faulty:
+            def finish(self) -> None:
+                try:
+                    store._spend()
+                except InjectedStorageFault:
+                    inner.abort()
+                    raise
+                inner.finish()
+
+            def abort(self) -> None:
+                inner.abort()
+
+        return Faulty()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -86,7 +107,7 @@ class ExportHarness:
             dagster_event=event,
             dagster_instance=self.instance,
             dagster_run=self.instance.get_run_by_id(run.run_id),
-            resources={"database": PulseDatabase(url=self.database_url)},
+            resources={"database": PulseDatabase(url=self.database_url), "storage": self.storage},
         ).for_run_failure()
         export_run_failure_sensor(context)
 

@@ -246,7 +246,7 @@ def test_compose_override_gives_the_daemon_and_webserver_the_docker_socket(overr
         service = override["services"][name]
         assert "/var/run/docker.sock:/var/run/docker.sock" in service["volumes"], name
         assert service.get("group_add"), f"{name} runs as a non-root user and needs the socket's group"
-    for name in ("dagster-code", "migrate"):
+    for name in ("dagster-code", "migrate", "api"):
         assert "volumes" not in override["services"][name], f"{name} has no business with the Docker engine"
 
 

@@ -61,7 +61,7 @@ def run_failure_sensor_sees(exports: ExportHarness, run_id: str) -> None:
         dagster_event=event,
         dagster_instance=exports.instance,
         dagster_run=run,
-        resources={"database": PulseDatabase(url=exports.database_url)},
+        resources={"database": PulseDatabase(url=exports.database_url), "storage": exports.storage},
     ).for_run_failure()
     export_run_failure_sensor(context)
 
@@ -96,6 +96,41 @@ def test_retries_spent_end_in_failed_worker_lost(exports: ExportHarness, retryin
     job, run = claimed_by_dying_worker(exports, **{"dagster/retry_number": "1"})
     reconcile(exports)
     run_failure_sensor_sees(exports, run.run_id)
+    done = exports.jobs.get(job.id)
+    assert done.status == "FAILED" and "worker lost" in done.error
+
+
+def test_worker_killed_under_a_live_code_server_ends_failed_worker_lost_without_files(
+    exports: ExportHarness,
+) -> None:
+    """The code server logs how its run process died; once no retry follows, that is the job's reason."""
+    job, run = claimed_by_dying_worker(exports)
+    prefix = f"{TENANT}/{job.id}/"
+    exports.store.put_bytes(f"{prefix}part-00000.csv", b"seq\n1\n")  # what the worker uploaded before dying
+    exports.instance.report_engine_event(
+        f"Run execution process for {run.run_id} was terminated by signal 9 (SIGKILL). This usually indicates...",
+        run,
+    )
+    exports.instance.report_run_failed(run)
+    run_failure_sensor_sees(exports, run.run_id)
+    done = exports.jobs.get(job.id)
+    assert done.status == "FAILED"
+    reason = "worker lost: its process was terminated by signal 9 (SIGKILL)"
+    assert done.error == f"Dagster run {run.run_id} failed: {reason}"
+    assert exports.store.list_keys(prefix) == []
+
+
+def test_reconciler_waits_for_a_retry_dagster_has_yet_to_launch(
+    exports: ExportHarness, retrying_instance: dg.DagsterInstance
+) -> None:
+    exports.instance = retrying_instance
+    job, run = claimed_by_dying_worker(exports)
+    exports.instance.report_run_failed(run, message="gone")  # tagged dagster/will_retry=true, no retry yet
+    reconcile(exports)
+    assert exports.jobs.get(job.id).status == "RUNNING"  # the retry's claim will take it over
+
+    exports.instance.add_run_tags(run.run_id, {"dagster/will_retry": "false"})  # the retry daemon gave up
+    reconcile(exports)
     done = exports.jobs.get(job.id)
     assert done.status == "FAILED" and "worker lost" in done.error
 

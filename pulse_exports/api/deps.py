@@ -18,7 +18,9 @@ from pulse_exports.apikeys import ApiKeyStore
 from pulse_exports.catalog import Catalog, OperatorTable
 from pulse_exports.jobstore import PooledJobStore
 from pulse_exports.launcher import DagsterLauncher
+from pulse_exports.logs import bind
 from pulse_exports.netguard import Allowlist
+from pulse_exports.quotas import Quotas
 from pulse_exports.storage import ExportStore, store_from_url
 
 API_PREFIX = "/api/v1"
@@ -49,6 +51,7 @@ class ApiRuntime:
     presign_store: ExportStore
     launcher: DagsterLauncher | None
     callback_allowlist: Allowlist
+    quotas: Quotas = field(default_factory=Quotas)
     _catalog: Catalog | None = field(default=None, repr=False)
     _catalog_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -82,6 +85,7 @@ class ApiRuntime:
             presign_store=presign_store,
             launcher=launcher,
             callback_allowlist=Allowlist.parse(settings.callback_allowlist),
+            quotas=settings.quotas(),
         )
 
     def open(self) -> None:
@@ -140,6 +144,7 @@ def current_tenant(
             detail="a valid API key is required (Authorization: Bearer <key>)",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    bind(tenant=key.tenant_id)  # every log line of this request names the tenant
     return Tenant(id=key.tenant_id, api_key_id=key.id)
 
 

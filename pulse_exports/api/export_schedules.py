@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 
 from pulse_exports.api.deps import LinksDep, RuntimeDep, TenantDep
-from pulse_exports.api.exports import _invalid
+from pulse_exports.api.exports import _invalid, check_row_limit
 from pulse_exports.api.schemas import ExportCreate, ExportLinks, ExportPublic
 from pulse_exports.catalog import ExportRequestError
 from pulse_exports.netguard import validate_callback_url
@@ -155,6 +155,7 @@ def create_schedule(
         callback_url = (
             validate_callback_url(body.callback_url, runtime.callback_allowlist) if body.callback_url else None
         )
+        check_row_limit(runtime.quotas.for_tenant(tenant.id), request.row_limit)  # every tick would fail
         schedule = schedules.create(
             request,
             name=body.name,

@@ -28,13 +28,17 @@ from pulse_exports.api.schemas import (
     ExportPublic,
     ExportStatus,
     LaunchOutcome,
+    QuotaRefusal,
+    QuotaRefused,
 )
 from pulse_exports.catalog import ExportRequest, ExportRequestError
 from pulse_exports.formats import content_type
 from pulse_exports.jobstore import ACTIVE, ExportJob
 from pulse_exports.launcher import DagsterUnavailable, LaunchRefused
+from pulse_exports.logs import bind
 from pulse_exports.netguard import validate_callback_url
 from pulse_exports.pipeline import discard_export, export_prefix
+from pulse_exports.quotas import ESTIMATE_REFUSAL_FACTOR, RETRY_AFTER_SECONDS, QuotaExceeded, TenantQuota
 from pulse_exports.storage import LocalExportStore, S3ExportStore, validate_key
 
 _log = logging.getLogger(__name__)
@@ -54,17 +58,46 @@ def _invalid(exc: ExportRequestError, *, expires_in_given: bool) -> RequestValid
     return RequestValidationError([{"type": "value_error", "loc": ("body", *loc), "msg": exc.message, "input": None}])
 
 
+def quota_invalid(exc: QuotaExceeded, field: str, value: object) -> RequestValidationError:
+    """A quota refusal of one request field, as a 422 like the others (plus the quota and its limit)."""
+    return RequestValidationError(
+        [
+            {
+                "type": "quota_exceeded",
+                "loc": ("body", field),
+                "msg": exc.message,
+                "input": value,
+                "ctx": {"quota": exc.quota, "limit": exc.limit},
+            }
+        ]
+    )
+
+
+def check_row_limit(quota: TenantQuota, row_limit: int | None) -> None:
+    """422 naming row_limit when it asks for more rows than the tenant's max_rows quota."""
+    if quota.max_rows is not None and row_limit is not None and row_limit > quota.max_rows:
+        raise quota_invalid(QuotaExceeded.for_row_limit(quota.max_rows, row_limit), "row_limit", row_limit)
+
+
 def _tenant_job(runtime: ApiRuntime, tenant: Tenant, export_id: str) -> ExportJob:
     job = runtime.jobs.get(export_id, tenant_id=tenant.id)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="export not found")
+    bind(export_id=str(job.id))
     return job
 
 
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
-    responses={409: {"description": "The Idempotency-Key was used for a different request."}},
+    responses={
+        409: {"description": "The Idempotency-Key was used for a different request."},
+        429: {
+            "model": QuotaRefused,
+            "description": "The tenant already has max_active_jobs unfinished exports.",
+            "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
+        },
+    },
 )
 def create_export(
     body: ExportCreate,
@@ -102,24 +135,42 @@ def create_export(
         )
     except ExportRequestError as exc:
         raise _invalid(exc, expires_in_given=body.expires_in is not None) from None
-    job, created = runtime.jobs.create(
-        request, callback_url=callback_url, created_by=f"api-key:{tenant.api_key_id}", idempotency_key=idempotency_key
-    )
-    response.headers["Location"] = links.status_url(job.id)
-    if not created:
-        if job.request != request or job.callback_url != callback_url:
-            raise HTTPException(
-                status.HTTP_409_CONFLICT, detail="this Idempotency-Key was already used for a different export request"
-            )
-        return ExportCreated(
-            export_id=job.id,
-            status=ExportStatus(job.status),
-            status_url=links.status_url(job.id),
-            estimated_rows=job.rows_total,
-            launch="idempotent replay",
-            run_id=job.run_id,
+    quota = runtime.quotas.for_tenant(tenant.id)
+    limited = quota.max_rows is not None or quota.max_active_jobs is not None
+    # A retry of a request already made returns its export, whatever the quotas say now.
+    if limited and idempotency_key and (existing := runtime.jobs.find_by_idempotency_key(tenant.id, idempotency_key)):
+        return _replay(existing, request, callback_url, links, response)
+    check_row_limit(quota, request.row_limit)
+    estimated_first = quota.max_rows is not None and request.row_limit is None
+    estimated_rows = _estimate_rows(runtime, request) if estimated_first else None
+    # Without row_limit, only a clear excess of the estimate is refused: the run enforces max_rows exactly.
+    if (
+        quota.max_rows is not None
+        and estimated_rows is not None
+        and estimated_rows > ESTIMATE_REFUSAL_FACTOR * quota.max_rows
+    ):
+        raise quota_invalid(QuotaExceeded.for_estimate(quota.max_rows, estimated_rows), "row_limit", None)
+    try:
+        job, created = runtime.jobs.create(
+            request,
+            callback_url=callback_url,
+            created_by=f"api-key:{tenant.api_key_id}",
+            idempotency_key=idempotency_key,
+            max_active_jobs=quota.max_active_jobs,
         )
-    estimated_rows = _estimate_rows(runtime, request)
+    except QuotaExceeded as exc:
+        refusal = QuotaRefusal(quota=exc.quota, limit=exc.limit, msg=exc.message)
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=refusal.model_dump(),
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        ) from None
+    bind(export_id=str(job.id))
+    if not created:
+        return _replay(job, request, callback_url, links, response)
+    response.headers["Location"] = links.status_url(job.id)
+    if not estimated_first:
+        estimated_rows = _estimate_rows(runtime, request)
     launch, launch_error, run_id = _launch(runtime, job)
     current = ExportStatus.QUEUED if run_id else ExportStatus(job.status)
     return ExportCreated(
@@ -130,6 +181,25 @@ def create_export(
         launch=launch,
         launch_error=launch_error,
         run_id=run_id,
+    )
+
+
+def _replay(
+    job: ExportJob, request: ExportRequest, callback_url: str | None, links: ExportLinks, response: Response
+) -> ExportCreated:
+    """The answer to a repeated Idempotency-Key: the export it made (409 if the request differs)."""
+    response.headers["Location"] = links.status_url(job.id)
+    if job.request != request or job.callback_url != callback_url:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, detail="this Idempotency-Key was already used for a different export request"
+        )
+    return ExportCreated(
+        export_id=job.id,
+        status=ExportStatus(job.status),
+        status_url=links.status_url(job.id),
+        estimated_rows=job.rows_total,
+        launch="idempotent replay",
+        run_id=job.run_id,
     )
 
 

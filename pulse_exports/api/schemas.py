@@ -224,3 +224,18 @@ class Health(BaseModel):
     database: HealthCheck
     storage: HealthCheck
     dagster: HealthCheck
+
+
+class QuotaRefusal(BaseModel):
+    """Why a request was refused for a tenant quota: the quota's name and its limit."""
+
+    type: Literal["quota_exceeded"] = "quota_exceeded"
+    quota: str = Field(examples=["max_active_jobs"])
+    limit: int
+    msg: str
+
+
+class QuotaRefused(BaseModel):
+    """The body of a 429: retry after the Retry-After header's seconds."""
+
+    detail: QuotaRefusal

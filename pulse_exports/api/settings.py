@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pulse_exports.quotas import LIMIT_VARIABLES, Quotas, parse_limit, parse_tenant_quotas
 
 
 class ApiSettings(BaseSettings):
@@ -44,6 +48,44 @@ class ApiSettings(BaseSettings):
         default=8, ge=1, description="PULSE_DB_POOL_SIZE: pooled connections, and threads for sync endpoints."
     )
     estimate_rows: bool = Field(default=True, description="Answer POST /exports with the planner's row estimate.")
+    metrics_token: SecretStr | None = Field(
+        default=None, description="PULSE_METRICS_TOKEN: bearer token /metrics requires; unset: /metrics is open."
+    )
+    metrics_tenant_labels: bool = Field(
+        default=False,
+        description="PULSE_METRICS_TENANT_LABELS: label job counts, rows and bytes by tenant (one series per tenant).",
+    )
+    quota_max_active_jobs: int | None = Field(
+        default=None, description="PULSE_QUOTA_MAX_ACTIVE_JOBS: a tenant's unfinished exports at once; unset: no limit."
+    )
+    quota_max_rows: int | None = Field(default=None, description="PULSE_QUOTA_MAX_ROWS: rows of one export.")
+    quota_max_bytes: int | None = Field(default=None, description="PULSE_QUOTA_MAX_BYTES: bytes of one export.")
+    tenant_quotas: str | None = Field(
+        default=None,
+        description='PULSE_TENANT_QUOTAS: per-tenant overrides, e.g. {"tenant-a": {"max_active_jobs": 3}}.',
+    )
+
+    # Bad quota configuration stops the API at startup, with a message naming the variable.
+    @field_validator("quota_max_active_jobs", "quota_max_rows", "quota_max_bytes", mode="before")
+    @classmethod
+    def _quota_limit(cls, value: Any, info: ValidationInfo) -> int | None:
+        assert info.field_name is not None
+        return parse_limit(LIMIT_VARIABLES[info.field_name.removeprefix("quota_")], value)
+
+    @field_validator("tenant_quotas")
+    @classmethod
+    def _tenant_quotas(cls, value: str | None) -> str | None:
+        parse_tenant_quotas(value)
+        return value
+
+    def quotas(self) -> Quotas:
+        return Quotas.from_env(
+            {},
+            max_active_jobs=self.quota_max_active_jobs,
+            max_rows=self.quota_max_rows,
+            max_bytes=self.quota_max_bytes,
+            tenant_quotas=self.tenant_quotas,
+        )
 
     @property
     def source_url(self) -> str:
