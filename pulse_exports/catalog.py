@@ -254,6 +254,9 @@ class QueryPlan:
     metric_columns: tuple[tuple[str, str], ...] = ()
     metrics_sampled: bool = False
     unplanned_keys_query: str | None = None
+    # The same rows as ``query``, split into consecutive time ranges (each ordered like ``query``, so
+    # their concatenation is ``query``'s order); empty when the export is not split.
+    slice_queries: tuple[str, ...] = ()
 
 
 class Catalog:
@@ -378,7 +381,13 @@ class Catalog:
 
     # -- query composition ----------------------------------------------------------------
     def plan(
-        self, conn: psycopg.Connection[Any], request: ExportRequest, *, metric_sample_rows: int | None = None
+        self,
+        conn: psycopg.Connection[Any],
+        request: ExportRequest,
+        *,
+        metric_sample_rows: int | None = None,
+        slices: int = 1,
+        min_slice_rows: int = 500_000,
     ) -> QueryPlan:
         """Compose the export's SELECT (and a cheap COUNT for the estimate) for this tenant.
 
@@ -386,6 +395,10 @@ class Catalog:
         has more and the sample settles every type (``metrics_sampled``); the caller must then treat
         a failed query or a true ``unplanned_keys_query`` as "plan again without a sample". Without
         it, every row of the export is read first.
+
+        With ``slices`` > 1, an export ordered by its type's time column and estimated at
+        ``min_slice_rows`` rows or more per slice also gets ``slice_queries``: its time span cut
+        into equal ranges, so that several backends can produce its rows at once.
         """
         etype = self.types[request.export_type]
         where = self._where(etype, request)
@@ -420,12 +433,18 @@ class Catalog:
                 unplanned_keys = sql.SQL(
                     "SELECT EXISTS (SELECT 1 FROM {} WHERE {} AND ({} - {}::text[]) <> '{{}}'::jsonb)"
                 ).format(source, rows_where, metrics, sql.Literal(sorted(key for key, _ in kinds)))
-        query = sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {}").format(
-            sql.SQL(", ").join(items), etype.source, where, sql.SQL(", ").join(etype.order_by)
-        )
+
+        def select(condition: sql.Composable) -> sql.Composable:
+            query = sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {}").format(
+                sql.SQL(", ").join(items), etype.source, condition, sql.SQL(", ").join(etype.order_by)
+            )
+            if request.row_limit is not None:
+                query = sql.SQL("{} LIMIT {}").format(query, sql.Literal(request.row_limit))
+            return query
+
+        query = select(where)
         count = _count_query(etype, where, request)
-        if request.row_limit is not None:
-            query = sql.SQL("{} LIMIT {}").format(query, sql.Literal(request.row_limit))
+        ranges = self._time_slices(conn, etype, where, count, slices, min_slice_rows) if slices > 1 else []
         return QueryPlan(
             query.as_string(conn),
             count.as_string(conn),
@@ -433,7 +452,47 @@ class Catalog:
             tuple(metric_columns),
             metrics_sampled=sampled,
             unplanned_keys_query=unplanned_keys.as_string(conn) if unplanned_keys is not None else None,
+            slice_queries=tuple(select(sql.SQL("{} AND {}").format(where, r)).as_string(conn) for r in ranges),
         )
+
+    @staticmethod
+    def _time_slices(
+        conn: psycopg.Connection[Any],
+        etype: ExportType,
+        where: sql.Composable,
+        count: sql.Composable,
+        slices: int,
+        min_slice_rows: int,
+    ) -> list[sql.Composable]:
+        """Conditions cutting the export's time span into up to ``slices`` equal, consecutive ranges.
+
+        The first range has no lower bound and the last no upper one, so together they cover every
+        row whatever its time. Only for types ordered by their time column first: then the slices,
+        one after the other, are in the export's order.
+        """
+        time = etype.time_column
+        if time is None or not etype.order_by or etype.order_by[0] != time:
+            return []
+        with conn.cursor(row_factory=tuple_row) as cur:
+            explain = cur.execute(sql.SQL("EXPLAIN (FORMAT JSON) {}").format(count)).fetchone()
+            estimate = int(explain[0][0]["Plan"]["Plan Rows"]) if explain else 0
+            count_slices = min(slices, estimate // max(min_slice_rows, 1))
+            if count_slices < 2:
+                return []
+            span = cur.execute(
+                sql.SQL("SELECT min({}), max({}) FROM {} WHERE {}").format(time, time, etype.source, where)
+            ).fetchone()
+        if span is None or span[0] is None or span[0] == span[1] or not isinstance(span[0], datetime):
+            return []
+        low, high = span
+        bounds = [low + (high - low) * k / count_slices for k in range(1, count_slices)]
+        ranges = [sql.SQL("{} < {}").format(time, sql.Literal(bounds[0]))]
+        ranges += [
+            sql.SQL("{} >= {} AND {} < {}").format(time, sql.Literal(lo), time, sql.Literal(hi))
+            for lo, hi in zip(bounds, bounds[1:], strict=False)
+        ]
+        ranges.append(sql.SQL("{} >= {}").format(time, sql.Literal(bounds[-1])))
+        return ranges
 
     @staticmethod
     def _flattens_metrics(etype: ExportType, request: ExportRequest) -> bool:

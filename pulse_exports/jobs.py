@@ -29,6 +29,7 @@ from pulse_exports.pipeline import (
     export_prefix,
     stream_query,
     write_export,
+    write_export_slices,
     write_manifest,
 )
 from pulse_exports.quotas import QuotaConfigError, QuotaExceeded
@@ -107,7 +108,12 @@ def plan_export(
         quota = settings.quotas().for_tenant(job.tenant_id)
         catalog = database.catalog()
         with psycopg.connect(database.source()) as conn:
-            plan = catalog.plan(conn, _quota_request(job, quota.max_rows), metric_sample_rows=METRIC_SAMPLE_ROWS)
+            plan = catalog.plan(
+                conn,
+                _quota_request(job, quota.max_rows),
+                metric_sample_rows=METRIC_SAMPLE_ROWS,
+                **_slicing(job, settings),
+            )
             estimate = _estimate_rows(conn, plan.count_query)
         if job.row_limit is not None:
             estimate = min(estimate, job.row_limit)
@@ -117,6 +123,7 @@ def plan_export(
     return {
         "export_id": export_id,
         "query": plan.query,
+        "slice_queries": list(plan.slice_queries),
         "columns": list(plan.columns),
         "estimate": estimate,
         "metrics_sampled": plan.metrics_sampled,
@@ -144,12 +151,12 @@ def extract_and_write(
             max_bytes=int(job.options.get("part_max_bytes", settings.part_max_bytes)),
         )
 
-        def export(query: str) -> ExportOutcome:
-            return write_export(
-                stream_query(database.source(), query, settings.batch_rows),
+        def export(queries: list[str]) -> ExportOutcome:
+            source, store = database.source(), storage.get_store()
+            common: dict[str, Any] = dict(
                 export_id=export_id,
                 request=job.request,
-                store=storage.get_store(),
+                store=store,
                 limits=limits,
                 on_progress=lambda rows: not beat.lost and jobs.record_progress(job.id, run_id, rows),
                 workdir=Path(settings.workdir) if settings.workdir else None,
@@ -157,8 +164,13 @@ def extract_and_write(
                 max_bytes=plan.get("max_bytes"),
                 owns_export=lambda: jobs.owns(job.id, run_id),
             )
+            if len(queries) == 1:
+                return write_export(stream_query(source, queries[0], settings.batch_rows), **common)
+            context.log.info(f"reading {len(queries)} time slices at once")
+            readers = [lambda q=q: stream_query(source, q, settings.batch_rows) for q in queries]
+            return write_export_slices(readers, **common)
 
-        outcome = _export_checking_metric_columns(context, database, job, plan, export)
+        outcome = _export_checking_metric_columns(context, database, settings, job, plan, export)
     context.log.info(f"wrote {outcome.row_count} rows in {len(outcome.parts)} parts, {outcome.bytes} bytes")
     return {"export_id": export_id, "outcome": outcome.to_dict()}
 
@@ -239,21 +251,22 @@ def _retention(job: ExportJob, settings: ExportSettings) -> timedelta:
 def _export_checking_metric_columns(
     context: dg.OpExecutionContext,
     database: PulseDatabase,
+    settings: ExportSettings,
     job: ExportJob,
     plan: dict,
-    export: Callable[[str], ExportOutcome],
+    export: Callable[[list[str]], ExportOutcome],
 ) -> ExportOutcome:
     """Export with the plan's query. When its metric columns came from a sample, look meanwhile
     for a row with a key the sample lacked; if there is one, or the query failed (its strict casts
     refuse a value of another type than the sample's), export again with columns from all rows."""
     if not plan.get("metrics_sampled"):
-        return export(plan["query"])
+        return export(plan.get("slice_queries") or [plan["query"]])
     check = None
     if unplanned_keys := plan.get("unplanned_keys_query"):
         check = ConcurrentCheck(database.source(), lambda conn: not conn.execute(unplanned_keys).fetchone()[0])
     try:
         try:
-            outcome: ExportOutcome | None = export(plan["query"])
+            outcome: ExportOutcome | None = export(plan.get("slice_queries") or [plan["query"]])
         except SourceQueryError as exc:
             context.log.info(f"the sampled plan failed ({exc}): planning from every row")
             outcome = None
@@ -265,8 +278,14 @@ def _export_checking_metric_columns(
     if outcome is not None:
         context.log.info("a row has a metric key the sample lacked: planning from every row")
     with psycopg.connect(database.source()) as conn:
-        exact = database.catalog().plan(conn, _quota_request(job, plan.get("max_rows")))
-    return export(exact.query)
+        exact = database.catalog().plan(conn, _quota_request(job, plan.get("max_rows")), **_slicing(job, settings))
+    return export(list(exact.slice_queries) or [exact.query])
+
+
+def _slicing(job: ExportJob, settings: ExportSettings) -> dict[str, int]:
+    """How the catalog may split the export's query: never under a row limit, which applies to all slices."""
+    slices = settings.extract_slices if job.row_limit is None else 1
+    return {"slices": slices, "min_slice_rows": settings.min_slice_rows}
 
 
 def _quota_request(job: ExportJob, max_rows: int | None) -> ExportRequest:

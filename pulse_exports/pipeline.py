@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -103,6 +104,37 @@ class PartLimits:
     max_bytes: int = DEFAULT_PART_MAX_BYTES
 
 
+SLICE_PART_STRIDE = 10_000  # slice i numbers its parts from i * 10,000: part names sort in row order
+
+
+class ExportBudget:
+    """The tenant's row and byte quotas, shared by the slices of one export (thread-safe)."""
+
+    def __init__(self, max_rows: int | None = None, max_bytes: int | None = None) -> None:
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._rows: dict[int, int] = {}
+        self._bytes: dict[int, int] = {}
+
+    def check_rows(self, slot: int, rows: int) -> None:
+        """Slice ``slot`` is about to have written ``rows`` rows; QuotaExceeded if that is over the total."""
+        if self.max_rows is None:
+            return
+        with self._lock:
+            self._rows[slot] = rows
+            if sum(self._rows.values()) > self.max_rows:
+                raise QuotaExceeded.for_rows(self.max_rows)
+
+    def check_bytes(self, slot: int, written: int) -> None:
+        if self.max_bytes is None:
+            return
+        with self._lock:
+            self._bytes[slot] = written
+            if sum(self._bytes.values()) > self.max_bytes:
+                raise QuotaExceeded.for_bytes(self.max_bytes)
+
+
 def write_export(
     reader: pa.RecordBatchReader,
     *,
@@ -116,6 +148,9 @@ def write_export(
     max_rows: int | None = None,
     max_bytes: int | None = None,
     owns_export: Callable[[], bool] | None = None,
+    budget: ExportBudget | None = None,
+    first_part: int = 0,
+    as_slice: bool = False,
 ) -> ExportOutcome:
     """Write every batch of ``reader`` into parts under the export's prefix (no manifest yet).
 
@@ -125,7 +160,12 @@ def write_export(
     QuotaExceeded (the tenant's quotas; a query limited to ``max_rows + 1`` rows stops early).
     On any failure the parts already uploaded are deleted, so no half-export is left behind, unless
     ``owns_export()`` says another run has taken the export over: the files under the prefix are its own.
+
+    ``as_slice``: one of several concurrent writers of the export (``write_export_slices``): its parts
+    are numbered from ``first_part``, quotas are counted in the shared ``budget``, and clearing the
+    prefix, the empty part of an empty export and the clean-up after a failure are left to the caller.
     """
+    budget = budget or ExportBudget(max_rows, max_bytes)
     started = time.monotonic()
     prefix = export_prefix(request.tenant_id, export_id)
     ext = file_extension(request.format, request.compression)
@@ -151,8 +191,8 @@ def write_export(
         writer = None
         upload: PartUpload | None = None  # the part being written goes up while it grows (S3)
         try:
-            # Clear what an earlier, crashed attempt may have left under this prefix.
-            store.delete_prefix(prefix)
+            if not as_slice:  # clear what an earlier, crashed attempt may have left under this prefix
+                store.delete_prefix(prefix)
 
             def finish_part() -> None:
                 nonlocal writer, upload, pending, bytes_done
@@ -160,10 +200,9 @@ def write_export(
                 result = writer.close()
                 writer = None
                 bytes_done += result.bytes
-                if max_bytes is not None and bytes_done > max_bytes:
-                    raise QuotaExceeded.for_bytes(max_bytes)  # `upload` is still set: the except below aborts it
+                budget.check_bytes(first_part, bytes_done)  # over quota: `upload` is still set, the except aborts it
                 part_upload, upload = upload, None
-                index = len(parts)
+                index = first_part + len(parts)
                 path = Path(tmp) / f"part-{index:05d}.{ext}"
                 key = f"{prefix}part-{index:05d}.{ext}"
                 parts.append(PartInfo(index, key, result.rows, result.bytes, result.sha256))
@@ -179,7 +218,7 @@ def write_export(
 
             def new_writer() -> Any:
                 nonlocal upload
-                name = f"part-{len(parts):05d}.{ext}"
+                name = f"part-{first_part + len(parts):05d}.{ext}"
                 path = Path(tmp) / name
                 part_writer = open_part_writer(
                     path, request.format, request.compression, schema, neutralise_formulas=neutralise
@@ -196,17 +235,15 @@ def write_export(
                         writer = new_writer()
                     room = limits.max_rows - writer.rows
                     piece = batch.slice(offset, room) if batch.num_rows - offset > room else batch.slice(offset)
-                    if max_rows is not None and rows_done + piece.num_rows > max_rows:
-                        raise QuotaExceeded.for_rows(max_rows)
+                    budget.check_rows(first_part, rows_done + piece.num_rows)
                     writer.write(piece)
                     offset += piece.num_rows
                     rows_done += piece.num_rows
-                    if max_bytes is not None and bytes_done + writer.bytes_written > max_bytes:
-                        raise QuotaExceeded.for_bytes(max_bytes)
+                    budget.check_bytes(first_part, bytes_done + writer.bytes_written)
                     if writer.rows >= limits.max_rows or writer.bytes_written >= limits.max_bytes:
                         finish_part()
                 report()
-            if writer is not None or not parts:
+            if writer is not None or (not parts and not as_slice):
                 if writer is None:
                     writer = new_writer()  # an empty export still gets one valid (empty) file
                 finish_part()
@@ -219,7 +256,7 @@ def write_export(
                 upload.abort()
             if pending is not None:
                 pending.exception()  # wait for it; its own error is secondary to the one raised
-            if owns_export is None or owns_export():
+            if not as_slice and (owns_export is None or owns_export()):
                 discard_export(store, prefix)
             raise
     return ExportOutcome(
@@ -229,6 +266,89 @@ def write_export(
         parts=parts,
         row_count=rows_done,
         bytes=sum(p.bytes for p in parts),
+        seconds=time.monotonic() - started,
+    )
+
+
+def write_export_slices(
+    open_readers: Sequence[Callable[[], pa.RecordBatchReader]],
+    *,
+    export_id: str,
+    request: ExportRequest,
+    store: ExportStore,
+    on_progress: Callable[[int], bool] | None = None,
+    max_rows: int | None = None,
+    max_bytes: int | None = None,
+    owns_export: Callable[[], bool] | None = None,
+    **options: Any,
+) -> ExportOutcome:
+    """``write_export`` for an export split into consecutive slices, each streamed by its own thread.
+
+    Slice ``i`` writes parts numbered from ``i * SLICE_PART_STRIDE``, so the part names sort in the
+    export's row order; the outcome lists the parts in that order, indexed 0, 1, 2... Quotas count all
+    slices together. When one slice fails the others stop at their next progress report, then the
+    prefix is cleared once; the first real error (not another slice's ExportCancelled) is raised.
+    """
+    started = time.monotonic()
+    prefix = export_prefix(request.tenant_id, export_id)
+    store.delete_prefix(prefix)  # what an earlier, crashed attempt may have left
+    budget = ExportBudget(max_rows, max_bytes)
+    failed = threading.Event()
+    lock = threading.Lock()
+    rows_by_slice = [0] * len(open_readers)
+    schemas: list[pa.Schema] = []
+
+    def progress_of(index: int) -> Callable[[int], bool]:
+        def report(rows: int) -> bool:
+            with lock:  # one report at a time: on_progress writes the job row
+                rows_by_slice[index] = rows
+                if failed.is_set():
+                    return False
+                return on_progress is None or on_progress(sum(rows_by_slice)) is not False
+
+        return report
+
+    def run(index: int) -> ExportOutcome:
+        try:
+            reader = open_readers[index]()
+            schemas.append(reader.schema)
+            return write_export(
+                reader,
+                export_id=export_id,
+                request=request,
+                store=store,
+                on_progress=progress_of(index),
+                budget=budget,
+                first_part=index * SLICE_PART_STRIDE,
+                as_slice=True,
+                **options,
+            )
+        except BaseException:
+            failed.set()
+            raise
+
+    with ThreadPoolExecutor(len(open_readers), thread_name_prefix="pulse-slice") as pool:
+        futures = [pool.submit(run, i) for i in range(len(open_readers))]
+        errors = [f.exception() for f in futures]
+    if failed.is_set() or any(errors):
+        if owns_export is None or owns_export():
+            discard_export(store, prefix)
+        raised = [e for e in errors if e is not None]
+        raise next((e for e in raised if not isinstance(e, ExportCancelled)), raised[0])
+    outcomes = [f.result() for f in futures]
+    parts = [part for outcome in outcomes for part in outcome.parts]
+    if not parts:  # an empty export still gets one valid (empty) file
+        empty = pa.RecordBatchReader.from_batches(schemas[0], iter(()))
+        return write_export(
+            empty, export_id=export_id, request=request, store=store, owns_export=owns_export, **options
+        )
+    return ExportOutcome(
+        prefix=prefix,
+        location=store.uri(prefix),
+        columns=outcomes[0].columns,
+        parts=[PartInfo(i, p.key, p.rows, p.bytes, p.sha256) for i, p in enumerate(parts)],
+        row_count=sum(o.row_count for o in outcomes),
+        bytes=sum(o.bytes for o in outcomes),
         seconds=time.monotonic() - started,
     )
 

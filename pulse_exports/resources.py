@@ -77,6 +77,13 @@ class ExportSettings(dg.ConfigurableResource):
     heartbeat_interval_seconds: float = 15.0
     heartbeat_timeout_seconds: float = 120.0  # a RUNNING job silent this long has lost its worker
     workdir: str | None = Field(default=None, description="Local scratch for parts before upload.")
+    extract_slices: int = Field(
+        default=2,
+        ge=1,
+        description="Time-ordered exports this big are read by this many backends at once, each writing its own"
+        " parts (1: one stream). Two keep a 2-core machine busy: PostgreSQL's work per row is the bottleneck.",
+    )
+    min_slice_rows: int = Field(default=500_000, ge=1, description="Fewest estimated rows per slice.")
     # Quotas: a field left unset reads the variable the API reads too (PULSE_QUOTA_*, PULSE_TENANT_QUOTAS).
     quota_max_active_jobs: int | None = Field(default=None, description="Unset: PULSE_QUOTA_MAX_ACTIVE_JOBS.")
     quota_max_rows: int | None = Field(default=None, description="Unset: PULSE_QUOTA_MAX_ROWS.")
