@@ -20,6 +20,7 @@ from pulse_exports.catalog import ExportRequest, ExportRequestError
 from pulse_exports.heartbeat import Heartbeat
 from pulse_exports.jobstore import ExportJob
 from pulse_exports.pipeline import (
+    SLICE_SESSION_OPTIONS,
     ConcurrentCheck,
     ExportCancelled,
     ExportOutcome,
@@ -167,7 +168,10 @@ def extract_and_write(
             if len(queries) == 1:
                 return write_export(stream_query(source, queries[0], settings.batch_rows), **common)
             context.log.info(f"reading {len(queries)} time slices at once")
-            readers = [lambda q=q: stream_query(source, q, settings.batch_rows) for q in queries]
+            readers = [
+                lambda q=q: stream_query(source, q, settings.batch_rows, session_options=SLICE_SESSION_OPTIONS)
+                for q in queries
+            ]
             return write_export_slices(readers, **common)
 
         outcome = _export_checking_metric_columns(context, database, settings, job, plan, export)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import pyarrow as pa
 
@@ -69,11 +70,24 @@ class SourceQueryError(RuntimeError):
     """The source database failed the export's query while its rows were streaming."""
 
 
-def stream_query(source_url: str, query: str, batch_rows: int = DEFAULT_BATCH_ROWS) -> pa.RecordBatchReader:
-    """Run the query with connectorx and return its rows as a stream of Arrow batches."""
+# A slice of a big export ends at a time bound, and the planner may then prefer a (parallel) scan and a
+# full sort of the slice over walking the (tenant, time) index: its first row would wait for the whole
+# sort, and the sort's workers would compete with the other slices for the cores.
+SLICE_SESSION_OPTIONS = "-c enable_sort=off -c max_parallel_workers_per_gather=0"
+
+
+def stream_query(
+    source_url: str, query: str, batch_rows: int = DEFAULT_BATCH_ROWS, *, session_options: str | None = None
+) -> pa.RecordBatchReader:
+    """Run the query with connectorx and return its rows as a stream of Arrow batches.
+
+    ``session_options`` are server settings for the query's connection (libpq ``options``).
+    """
     import connectorx as cx
 
     url = source_url.replace("postgres://", "postgresql://", 1)
+    if session_options:
+        url = _with_session_options(url, session_options)
     reader = cx.read_sql(url, query, return_type="arrow_stream", batch_size=batch_rows)
 
     def batches() -> Iterator[pa.RecordBatch]:
@@ -87,6 +101,15 @@ def stream_query(source_url: str, query: str, batch_rows: int = DEFAULT_BATCH_RO
             raise SourceQueryError(f"connectorx: the source query failed: {_db_message(exc)}") from None
 
     return pa.RecordBatchReader.from_batches(reader.schema, batches())
+
+
+def _with_session_options(url: str, options: str) -> str:
+    parts = urlsplit(url)
+    params = parse_qsl(parts.query, keep_blank_values=True)
+    existing = " ".join(value for key, value in params if key == "options")
+    params = [(key, value) for key, value in params if key != "options"]
+    params.append(("options", f"{existing} {options}".strip()))
+    return urlunsplit(parts._replace(query=urlencode(params, quote_via=quote)))
 
 
 def _db_message(exc: BaseException) -> str:

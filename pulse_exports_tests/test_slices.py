@@ -8,6 +8,7 @@ import psycopg
 import pytest
 
 from pulse_exports.catalog import Catalog
+from pulse_exports.pipeline import SLICE_SESSION_OPTIONS, stream_query
 from pulse_exports.resources import ExportSettings
 
 from .exports_harness import ExportHarness
@@ -105,3 +106,12 @@ def test_row_quota_counts_all_slices_together(exports: ExportHarness, monkeypatc
     assert not run.success and done is not None and done.status == "FAILED"
     assert "max_rows" in done.error
     assert exports.store.list_keys(f"{TENANT}/{job.id}/") == []
+
+
+def test_slice_connections_walk_the_index_instead_of_sorting(seeded_database_url: str) -> None:
+    query = "SELECT current_setting('enable_sort') AS sort, current_setting('max_parallel_workers_per_gather') AS w"
+    url = seeded_database_url + "?sslmode=disable"  # options join the URL's other parameters
+    (batch,) = list(stream_query(url, query, session_options=SLICE_SESSION_OPTIONS))
+    assert batch.to_pylist() == [{"sort": "off", "w": "0"}]
+    (plain,) = list(stream_query(seeded_database_url, query))
+    assert plain.to_pylist() == [{"sort": "on", "w": plain.to_pylist()[0]["w"]}]
