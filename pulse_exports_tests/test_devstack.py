@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import dagster as dg
 import httpx
 import psycopg
 import pytest
@@ -78,6 +79,9 @@ def test_dev_stack_launches_an_api_export_through_dagster_and_stops_everything(f
             with pytest.raises(httpx.TransportError):
                 httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
         assert not _running_with(str(tmp_path)), "every Dagster process stopped with the stack"
+        with dg.DagsterInstance.from_config(str(tmp_path / "home" / "dagster_home")) as instance:
+            run = instance.get_run_by_id(str(created.run_id))
+            assert run is not None and run.tags.get("pulse/worker_pid"), "forked by the warm launcher"
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
