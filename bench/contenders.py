@@ -3,13 +3,16 @@
 Every contender exports the same tenant's rows and runs in its own process, measured by
 ``bench.measure``: psql's ``\\copy`` (the practical limit), the naive fetch-all worker, and
 pulse_exports end to end (submit -> sensor tick -> run worker process -> parts -> manifest ->
-COMPLETED) for each format and store.
+COMPLETED) for each format and store, as under Dagster's ``DefaultRunLauncher`` (a new process per
+run). The ``pulse-warm-*`` contenders run pulse_exports as the product does with the warm run launcher:
+POST to the real API, GraphQL launch, queued run forked from a warm zygote (``bench.warm``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import uuid
@@ -44,7 +47,17 @@ PULSE = [
         ("parquet", "Parquet (zstd)", "parquet", "zstd"),
     )
 ]
-ALL = [PSQL, NAIVE, *PULSE]
+# The same exports as the product runs them with the warm run launcher (bench/warm.py): POST /api/v1/exports
+# to a real API, webserver and daemon; the run is forked from a pre-imported zygote.
+WARM = [
+    Contender(f"pulse-warm-{name}-{storage}", f"pulse_exports {label} -> {storage}, API + warm launcher", "warm", *spec)
+    for storage in ("file", "s3")
+    for name, label, spec in (
+        ("csv", "CSV", ("csv", "none", storage)),
+        ("parquet", "Parquet (zstd)", ("parquet", "zstd", storage)),
+    )
+]
+ALL = [PSQL, NAIVE, *PULSE, *WARM]
 BY_KEY = {c.key: c for c in ALL}
 
 
@@ -71,6 +84,7 @@ class Environment:
     _stores: dict[str, Any] = field(default_factory=dict)
     _defs: dict[tuple[str, str], Any] = field(default_factory=dict)
     _instance: Any = None
+    _warm: dict[tuple[str, str], Any] = field(default_factory=dict)  # (database, store) -> warm.WarmStack
 
     def storage_url(self, storage: str) -> str:
         if storage == "s3":
@@ -126,7 +140,41 @@ class Environment:
             env["AWS_DEFAULT_REGION"] = self.s3.region_name
         return env
 
+    def warm_stack(self, database_url: str, storage: str) -> Any:
+        """The webserver + daemon + API deployment for this database and store, started on first use.
+        Stacks of other databases (another scale's) are stopped first: one runs at a time."""
+        from bench.warm import StackFailed, WarmStack
+
+        key = (database_url, storage)
+        for other in [k for k in self._warm if k[0] != database_url]:
+            self._close_stack(other)
+        if key not in self._warm:
+            if storage == "s3" and self.s3 is None:
+                raise RuntimeError("S3 contenders need an S3 endpoint")
+            stack = WarmStack(database_url, self.storage_url(storage), self.s3 if storage == "s3" else None)
+            self._warm[key] = stack  # registered first: a failed start is still stopped by close()
+            print(f"starting dagster-webserver, dagster-daemon (warm launcher) and the API ({storage}) ...", flush=True)
+            started = time.monotonic()
+            try:
+                stack.start()
+            except StackFailed as exc:
+                self._close_stack(key)
+                raise ContenderFailed(f"the warm stack did not start: {exc}") from exc
+            print(f"started in {time.monotonic() - started:.0f} s", flush=True)
+        return self._warm[key]
+
+    def _close_stack(self, key: tuple[str, str]) -> None:
+        stack = self._warm.pop(key)
+        stack.close()
+
     def close(self) -> None:
+        # A second Ctrl-C must not leave services running: the stacks are stopped with SIGINT ignored.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for key in list(self._warm):
+                self._close_stack(key)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         if self._instance is not None:
             self._instance.dispose()
             self._instance = None
@@ -142,6 +190,8 @@ def measure(contender: Contender, target: Target, env: Environment) -> dict[str,
         record = _measure_psql(target, env)
     elif contender.kind == "naive":
         record = _measure_naive(target, env)
+    elif contender.kind == "warm":
+        record = _measure_warm(contender, target, env)
     else:
         record = _measure_pulse(contender, target, env)
     if record["rows"] != target.rows:
@@ -232,6 +282,48 @@ def _measure_pulse(contender: Contender, target: Target, env: Environment) -> di
         "first_row_seconds": (first - submitted_at) if first else None,
         "worker_start_seconds": marks["run_started_at"] - submitted_at,
     }
+
+
+def warm_up(contender: Contender, target: Target, env: Environment) -> None:
+    """Start the contender's stack and run one small untimed export: the first launch after the daemon
+    starts imports everything in the zygote (~1-2 s), which no later launch pays."""
+    from bench.warm import WARMUP_ROWS, StackFailed
+
+    stack = env.warm_stack(target.database_url, contender.storage)
+    if stack.warmed:
+        return
+    try:
+        done = stack.export(contender.format, contender.compression, row_limit=min(WARMUP_ROWS, target.rows))
+    except StackFailed as exc:
+        raise ContenderFailed(f"{contender.key} warm-up: {exc}") from exc
+    env.store(contender.storage).delete_prefix(_prefix(target.tenant, done["export_id"]))
+    stack.warmed = True
+
+
+def _measure_warm(contender: Contender, target: Target, env: Environment) -> dict[str, Any]:
+    """POST /api/v1/exports -> GraphQL launch -> queue -> forked run worker -> COMPLETED (bench/warm.py)."""
+    from bench.warm import StackFailed
+    from pulse_exports.pipeline import MANIFEST_NAME
+
+    stack = env.warm_stack(target.database_url, contender.storage)
+    try:
+        record = stack.export(contender.format, contender.compression, target.row_limit)
+    except StackFailed as exc:
+        raise ContenderFailed(f"{contender.key}: {exc}") from exc
+    store = env.store(contender.storage)
+    prefix = _prefix(target.tenant, record["export_id"])
+    if not store.exists(prefix + MANIFEST_NAME):
+        raise ContenderFailed(f"{contender.key}: export {record['export_id']} is COMPLETED without a manifest")
+    store.delete_prefix(prefix)
+    if not record["peak_rss"]:
+        raise ContenderFailed(f"{contender.key}: the run worker exited before its memory was read")
+    return record
+
+
+def _prefix(tenant: str, export_id: str) -> str:
+    from pulse_exports.pipeline import export_prefix
+
+    return export_prefix(tenant, export_id)
 
 
 def _csv_lines(path: Path) -> int:

@@ -11,18 +11,15 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import psycopg
-from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg import sql
 
 from pulse_exports.catalog import _TENANT_ID
-from pulse_exports.jobstore import parse_id
+from pulse_exports.db import PostgresStore, column_list
+from pulse_exports.jobstore import json_ready, parse_id
 
 SECRET_PREFIX = "pex_"
 
@@ -39,14 +36,13 @@ class ApiKey:
     revoked_at: datetime | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": str(self.id),
-            "tenant_id": self.tenant_id,
-            "name": self.name,
-            "prefix": self.prefix,
-            "created_at": self.created_at.isoformat(),
-            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
-        }
+        """Plain JSON-ready data (ids and times as strings)."""
+        return json_ready(self)
+
+
+def _q(text: str) -> sql.Composed:
+    """A query over api_keys with ``{cols}`` standing for ApiKey's columns (never key_hash)."""
+    return sql.SQL(text).format(cols=column_list(ApiKey))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -61,21 +57,8 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
-class ApiKeyStore:
+class ApiKeyStore(PostgresStore):
     """The api_keys table, over short connections or a pool (the API)."""
-
-    def __init__(self, database_url: str, pool: ConnectionPool | None = None) -> None:
-        self.database_url = database_url
-        self.pool = pool
-
-    @contextmanager
-    def connect(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
-        if self.pool is not None:
-            with self.pool.connection() as pooled:
-                yield pooled
-            return
-        with psycopg.connect(self.database_url, autocommit=True, row_factory=dict_row) as conn:
-            yield conn
 
     def create(self, tenant_id: str, name: str | None = None) -> NewApiKey:
         """Make a key for ``tenant_id``; the returned secret is the only copy."""
@@ -86,9 +69,10 @@ class ApiKeyStore:
                 prefix = f"{SECRET_PREFIX}{secrets.token_hex(4)}"
                 secret = f"{prefix}_{secrets.token_urlsafe(32)}"
                 row = conn.execute(
-                    "INSERT INTO api_keys (tenant_id, name, prefix, key_hash) VALUES (%s, %s, %s, %s)"
-                    " ON CONFLICT (prefix) DO NOTHING"
-                    " RETURNING id, tenant_id, name, prefix, created_at, revoked_at",
+                    _q(
+                        "INSERT INTO api_keys (tenant_id, name, prefix, key_hash) VALUES (%s, %s, %s, %s)"
+                        " ON CONFLICT (prefix) DO NOTHING RETURNING {cols}"
+                    ),
                     (tenant_id, name, prefix, hash_secret(secret)),
                 ).fetchone()
                 if row:
@@ -101,8 +85,7 @@ class ApiKeyStore:
             return None
         with self.connect() as conn:
             row = conn.execute(
-                "SELECT id, tenant_id, name, prefix, created_at, revoked_at FROM api_keys"
-                " WHERE key_hash = %s AND revoked_at IS NULL",
+                _q("SELECT {cols} FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL"),
                 (hash_secret(secret),),
             ).fetchone()
         return ApiKey(**row) if row else None
@@ -112,8 +95,10 @@ class ApiKeyStore:
         key_id = parse_id(key_id_or_prefix)
         with self.connect() as conn:
             row = conn.execute(
-                "UPDATE api_keys SET revoked_at = now() WHERE (id = %s OR prefix = %s) AND revoked_at IS NULL"
-                " RETURNING id, tenant_id, name, prefix, created_at, revoked_at",
+                _q(
+                    "UPDATE api_keys SET revoked_at = now() WHERE (id = %s OR prefix = %s) AND revoked_at IS NULL"
+                    " RETURNING {cols}"
+                ),
                 (key_id, key_id_or_prefix),
             ).fetchone()
         return ApiKey(**row) if row else None
@@ -121,8 +106,10 @@ class ApiKeyStore:
     def list(self, tenant_id: str | None = None) -> list[ApiKey]:
         with self.connect() as conn:
             rows = conn.execute(
-                "SELECT id, tenant_id, name, prefix, created_at, revoked_at FROM api_keys"
-                " WHERE %s::text IS NULL OR tenant_id = %s ORDER BY tenant_id, created_at DESC",
+                _q(
+                    "SELECT {cols} FROM api_keys"
+                    " WHERE %s::text IS NULL OR tenant_id = %s ORDER BY tenant_id, created_at DESC"
+                ),
                 (tenant_id, tenant_id),
             ).fetchall()
         return [ApiKey(**r) for r in rows]

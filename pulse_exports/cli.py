@@ -208,15 +208,20 @@ def purge() -> None:
     click.echo(f"expired {len(result.expired)} exports, deleted {result.objects_deleted} objects")
 
 
-@main.command()
-@click.option(
+# The options `demo` and `dev` share: both run on the embedded defaults kept in one folder.
+_home_option = click.option(
     "--home",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path(".pulse"),
     show_default=True,
     help="Folder for the embedded PostgreSQL, Dagster home and exported files.",
 )
-@click.option("--telemetry-rows", default=1_000_000, show_default=True, type=click.IntRange(0))
+_telemetry_rows_option = click.option("--telemetry-rows", default=1_000_000, show_default=True, type=click.IntRange(0))
+
+
+@main.command()
+@_home_option
+@_telemetry_rows_option
 def demo(home: Path, telemetry_rows: int) -> None:
     """One command: embedded PostgreSQL, migrations, sample data, two exports through Dagster."""
     from pulse_exports.demo import run_demo
@@ -225,16 +230,10 @@ def demo(home: Path, telemetry_rows: int) -> None:
 
 
 @main.command()
-@click.option(
-    "--home",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path(".pulse"),
-    show_default=True,
-    help="Folder for the embedded PostgreSQL, Dagster home and exported files (as for `demo`).",
-)
+@_home_option
 @click.option("--api-port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--dagster-port", default=3000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--telemetry-rows", default=1_000_000, show_default=True, type=click.IntRange(0))
+@_telemetry_rows_option
 def dev(home: Path, api_port: int, dagster_port: int, telemetry_rows: int) -> None:
     """The whole system on loopback: `dagster dev` (UI, daemon) and the product API, on embedded defaults."""
     from pulse_exports.devstack import run_dev_stack

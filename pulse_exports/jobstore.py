@@ -5,19 +5,18 @@ from __future__ import annotations
 import json
 import secrets
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from pulse_exports.catalog import ExportRequest
+from pulse_exports.db import PostgresStore, column_list
 from pulse_exports.quotas import QuotaExceeded
 
 ACTIVE = ("PENDING", "QUEUED", "RUNNING")
@@ -29,8 +28,9 @@ MAX_ERROR_LENGTH = 2000
 
 
 @dataclass(frozen=True)
-class ExportJob:
-    """One row of export_jobs."""
+class ExportSpecRow:
+    """The columns export_jobs and export_schedules share: whose row it is and the export it asks for, as
+    the catalog validated it when the row was written."""
 
     id: uuid.UUID
     tenant_id: str
@@ -41,6 +41,50 @@ class ExportJob:
     filters: dict[str, Any]
     row_limit: int | None
     options: dict[str, Any]
+    callback_url: str | None
+
+    def spec(self) -> dict[str, Any]:
+        """The stored request as keyword arguments of ``Catalog.validate`` and ``ExportRequest``."""
+        return {
+            "tenant_id": self.tenant_id,
+            "export_type": self.export_type,
+            "format": self.format,
+            "compression": self.compression,
+            "columns": self.columns,
+            "filters": self.filters,
+            "row_limit": self.row_limit,
+            "options": self.options,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (ids and times as strings)."""
+        return json_ready(self)
+
+
+def spec_params(request: ExportRequest) -> tuple[Any, ...]:
+    """Query parameters for the spec columns (tenant_id, export_type, format, compression, columns, filters,
+    row_limit, options), in that order."""
+    return (
+        request.tenant_id,
+        request.export_type,
+        request.format,
+        request.compression,
+        list(request.columns) if request.columns else None,
+        Jsonb(dict(request.filters)),
+        request.row_limit,
+        Jsonb(dict(request.options)),
+    )
+
+
+def schedule_idempotency_key(schedule_id: uuid.UUID, scheduled_for: datetime) -> str:
+    """The idempotency key of a schedule's job for one tick: the same however often the tick is evaluated."""
+    return f"schedule:{schedule_id}:{scheduled_for.astimezone(timezone.utc).isoformat()}"
+
+
+@dataclass(frozen=True)
+class ExportJob(ExportSpecRow):
+    """One row of export_jobs."""
+
     status: str
     rows_done: int
     rows_total: int | None
@@ -50,7 +94,6 @@ class ExportJob:
     file_size_bytes: int | None
     row_count: int | None
     error: str | None
-    callback_url: str | None
     created_by: str | None
     idempotency_key: str | None
     created_at: datetime
@@ -60,23 +103,15 @@ class ExportJob:
     expires_at: datetime | None
     heartbeat_at: datetime | None
     attempts: int
+    # where the callback's delivery stands (migrations/0003); status None: no callback_url, or not ended yet
+    callback_status: str | None
+    callback_attempts: int
+    callback_last_error: str | None
+    callback_delivered_at: datetime | None
 
     @property
     def request(self) -> ExportRequest:
-        return ExportRequest(
-            tenant_id=self.tenant_id,
-            export_type=self.export_type,
-            format=self.format,
-            compression=self.compression,
-            columns=tuple(self.columns) if self.columns else None,
-            filters=self.filters,
-            row_limit=self.row_limit,
-            options=self.options,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready data (ids and times as strings)."""
-        return json_ready(self)
+        return ExportRequest(**{**self.spec(), "columns": tuple(self.columns) if self.columns else None})
 
 
 def json_ready(row: Any) -> dict[str, Any]:
@@ -90,7 +125,7 @@ def json_ready(row: Any) -> dict[str, Any]:
     return out
 
 
-_COLUMNS = sql.SQL(", ").join(sql.Identifier(f.name) for f in fields(ExportJob))
+_COLUMNS = column_list(ExportJob)
 
 
 def _q(text: str) -> sql.Composed:
@@ -112,16 +147,8 @@ def parse_id(value: str | uuid.UUID) -> uuid.UUID | None:
         return None
 
 
-class JobStore:
+class JobStore(PostgresStore):
     """The export_jobs table, reached through short autocommit connections."""
-
-    def __init__(self, database_url: str) -> None:
-        self.database_url = database_url
-
-    @contextmanager
-    def connect(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
-        with psycopg.connect(self.database_url, autocommit=True, row_factory=dict_row) as conn:
-            yield conn
 
     # -- creation and reads ---------------------------------------------------------------
     def create(
@@ -132,16 +159,26 @@ class JobStore:
         created_by: str | None = None,
         idempotency_key: str | None = None,
         max_active_jobs: int | None = None,
+        schedule_id: uuid.UUID | None = None,
+        scheduled_for: datetime | None = None,
     ) -> tuple[ExportJob, bool]:
         """Insert a PENDING job; with an idempotency key already used by this tenant, return that
         job instead. Returns (job, created). Safe under concurrent requests with one key.
 
         With ``max_active_jobs``, raise QuotaExceeded when the tenant already has that many PENDING,
         QUEUED or RUNNING jobs (a repeated idempotency key still returns its job). A transaction-level
-        advisory lock per tenant serialises count and insert, so concurrent requests cannot overshoot."""
+        advisory lock per tenant serialises count and insert, so concurrent requests cannot overshoot.
+
+        ``schedule_id`` and ``scheduled_for`` (given together) link the job to the schedule tick that made
+        it; its idempotency key is then the tick's (``schedule_idempotency_key``), so a tick makes one job."""
+        if schedule_id is not None and scheduled_for is not None and idempotency_key is None:
+            idempotency_key = schedule_idempotency_key(schedule_id, scheduled_for)
+        elif schedule_id is not None or scheduled_for is not None:
+            raise ValueError("schedule_id and scheduled_for go together, and bring their own idempotency key")
+        insert = (request, callback_url, created_by, idempotency_key, schedule_id, scheduled_for)
         if max_active_jobs is None:
             with self.connect() as conn:
-                return self._insert(conn, request, callback_url, created_by, idempotency_key)
+                return self._insert(conn, *insert)
         with self.connect() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_ACTIVE_JOBS_LOCK, request.tenant_id))
             existing = self._by_idempotency_key(conn, request.tenant_id, idempotency_key) if idempotency_key else None
@@ -155,7 +192,7 @@ class JobStore:
             active = int(row["n"]) if row else 0
             if active >= max_active_jobs:
                 raise QuotaExceeded.for_active_jobs(max_active_jobs, active)
-            return self._insert(conn, request, callback_url, created_by, idempotency_key)
+            return self._insert(conn, *insert)
 
     def find_by_idempotency_key(self, tenant_id: str, idempotency_key: str) -> ExportJob | None:
         """The tenant's job made with this idempotency key, if any."""
@@ -180,28 +217,18 @@ class JobStore:
         callback_url: str | None,
         created_by: str | None,
         idempotency_key: str | None,
+        schedule_id: uuid.UUID | None,
+        scheduled_for: datetime | None,
     ) -> tuple[ExportJob, bool]:
         row = conn.execute(
             _q("""
-            INSERT INTO export_jobs (tenant_id, export_type, format, compression, columns, filters,
-                                     row_limit, options, callback_url, created_by, idempotency_key)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+            INSERT INTO export_jobs (tenant_id, export_type, format, compression, columns, filters, row_limit,
+                                     options, callback_url, created_by, idempotency_key, schedule_id, scheduled_for)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
             ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
             RETURNING {cols}
             """),
-            (
-                request.tenant_id,
-                request.export_type,
-                request.format,
-                request.compression,
-                list(request.columns) if request.columns else None,
-                Jsonb(dict(request.filters)),
-                request.row_limit,
-                Jsonb(dict(request.options)),
-                callback_url,
-                created_by,
-                idempotency_key,
-            ),
+            (*spec_params(request), callback_url, created_by, idempotency_key, schedule_id, scheduled_for),
         ).fetchone()
         if row:
             return ExportJob(**row), True
@@ -442,11 +469,11 @@ class JobStore:
                     ORDER BY callback_next_at LIMIT %(limit)s
                     FOR UPDATE SKIP LOCKED
                 )
-                RETURNING callback_attempts, {cols}
+                RETURNING {cols}
                 """),
                 {"now": now, "lease": lease, "limit": limit},
             ).fetchall()
-        return [DueCallback(attempt=row.pop("callback_attempts"), job=ExportJob(**row)) for row in rows]
+        return [DueCallback(attempt=row["callback_attempts"], job=ExportJob(**row)) for row in rows]
 
     def record_callback_delivered(self, job_id: uuid.UUID, attempt: int) -> bool:
         """pending -> delivered, if ``attempt`` is still the latest (a sender whose lease ran out writes nothing)."""
@@ -558,13 +585,7 @@ class PooledJobStore(JobStore):
     """A JobStore whose connections come from a pool (the API answers many short requests)."""
 
     def __init__(self, pool: ConnectionPool) -> None:
-        super().__init__(pool.conninfo)
-        self.pool = pool
-
-    @contextmanager
-    def connect(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
-        with self.pool.connection() as conn:
-            yield conn
+        super().__init__(pool.conninfo, pool)
 
 
 def manifest_json(manifest: dict[str, Any]) -> bytes:

@@ -2,10 +2,10 @@
 each tick of a schedule into exactly one ``export_jobs`` row.
 
 Exactly once: a tick's job carries the idempotency key ``schedule:<schedule id>:<tick, UTC ISO-8601>``
-(unique per tenant in export_jobs) and is inserted in the same transaction that advances the schedule's
-``next_run_at`` while holding its row lock (``FOR UPDATE SKIP LOCKED``). A repeated, concurrent or
-restarted evaluation finds the schedule locked or no longer due; were it due again, the key returns the
-job already made.
+(unique per tenant in export_jobs; ``JobStore.create`` makes it from the tick) and is inserted in the same
+transaction that advances the schedule's ``next_run_at`` while holding its row lock (``FOR UPDATE SKIP
+LOCKED``). A repeated, concurrent or restarted evaluation finds the schedule locked or no longer due; were it
+due again, the key returns the job already made.
 
 Missed ticks: ticks that passed while nothing evaluated a schedule (daemon down, sensor stopped) give one
 job, for the latest of them, and the schedule goes on from the next tick after now; never a burst. Ticks
@@ -18,7 +18,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
@@ -36,12 +36,10 @@ from dagster._utils.schedules import (
     is_valid_cron_string,
 )
 from psycopg import sql
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
 
 from pulse_exports.catalog import Catalog, ExportRequest, ExportRequestError, _shown
-from pulse_exports.jobstore import ExportJob, JobStore, json_ready, parse_id
+from pulse_exports.db import PostgresStore, column_list, connect
+from pulse_exports.jobstore import ExportJob, ExportSpecRow, JobStore, parse_id, spec_params
 
 MAX_NAME_LENGTH = 128
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -55,20 +53,10 @@ class ScheduleNameTaken(ExportRequestError):
 
 
 @dataclass(frozen=True)
-class ExportSchedule:
+class ExportSchedule(ExportSpecRow):
     """One row of export_schedules."""
 
-    id: uuid.UUID
-    tenant_id: str
     name: str
-    export_type: str
-    format: str
-    compression: str
-    columns: list[str] | None
-    filters: dict[str, Any]
-    row_limit: int | None
-    options: dict[str, Any]
-    callback_url: str | None
     cron: str
     timezone: str
     enabled: bool
@@ -82,20 +70,7 @@ class ExportSchedule:
 
     def validate(self, catalog: Catalog) -> ExportRequest:
         """The export spec checked against today's catalog (a column or type may have gone since)."""
-        return catalog.validate(
-            tenant_id=self.tenant_id,
-            export_type=self.export_type,
-            format=self.format,
-            compression=self.compression,
-            columns=self.columns,
-            filters=self.filters,
-            row_limit=self.row_limit,
-            options=self.options,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready data (ids and times as strings)."""
-        return json_ready(self)
+        return catalog.validate(**self.spec())
 
 
 @dataclass(frozen=True)
@@ -161,11 +136,6 @@ def latest_tick(cron: str, tz: str, at: datetime) -> datetime:
     return get_latest_completed_cron_tick(cron, at, tz).astimezone(timezone.utc)
 
 
-def tick_idempotency_key(schedule_id: uuid.UUID, scheduled_for: datetime) -> str:
-    """The export_jobs idempotency key of one tick: the same however often the tick is evaluated."""
-    return f"schedule:{schedule_id}:{scheduled_for.astimezone(timezone.utc).isoformat()}"
-
-
 def validate_name(name: object) -> str:
     text = name.strip() if isinstance(name, str) else ""
     if not text or len(text) > MAX_NAME_LENGTH or _CONTROL.search(text):
@@ -174,8 +144,8 @@ def validate_name(name: object) -> str:
 
 
 # -- the table ------------------------------------------------------------------------------
-_COLUMNS = sql.SQL(", ").join(sql.Identifier(f.name) for f in fields(ExportSchedule))
-_JOB_COLUMNS = sql.SQL(", ").join(sql.Identifier(f.name) for f in fields(ExportJob))
+_COLUMNS = column_list(ExportSchedule)
+_JOB_COLUMNS = column_list(ExportJob)
 
 
 def _q(text: str) -> sql.Composed:
@@ -187,21 +157,8 @@ def _schedule(row: dict[str, Any] | None) -> ExportSchedule | None:
     return ExportSchedule(**row) if row else None
 
 
-class ScheduleStore:
+class ScheduleStore(PostgresStore):
     """The export_schedules table, over short autocommit connections or a pool (the API)."""
-
-    def __init__(self, database_url: str, pool: ConnectionPool | None = None) -> None:
-        self.database_url = database_url
-        self.pool = pool
-
-    @contextmanager
-    def connect(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
-        if self.pool is not None:
-            with self.pool.connection() as pooled:
-                yield pooled
-            return
-        with psycopg.connect(self.database_url, autocommit=True, row_factory=dict_row) as conn:
-            yield conn
 
     def create(
         self,
@@ -221,28 +178,13 @@ class ScheduleStore:
             now = now or _db_now(conn)
             row = conn.execute(
                 _q("""
-                INSERT INTO export_schedules (tenant_id, name, export_type, format, compression, columns, filters,
-                    row_limit, options, callback_url, cron, timezone, next_run_at, created_by)
+                INSERT INTO export_schedules (tenant_id, export_type, format, compression, columns, filters,
+                    row_limit, options, name, callback_url, cron, timezone, next_run_at, created_by)
                 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                 ON CONFLICT (tenant_id, name) DO NOTHING
                 RETURNING {cols}
                 """),
-                (
-                    request.tenant_id,
-                    name,
-                    request.export_type,
-                    request.format,
-                    request.compression,
-                    list(request.columns) if request.columns else None,
-                    Jsonb(dict(request.filters)),
-                    request.row_limit,
-                    Jsonb(dict(request.options)),
-                    callback_url,
-                    cron,
-                    timezone,
-                    next_tick(cron, timezone, now),
-                    created_by,
-                ),
+                (*spec_params(request), name, callback_url, cron, timezone, next_tick(cron, timezone, now), created_by),
             ).fetchone()
         if row is None:
             raise ScheduleNameTaken(name)
@@ -379,7 +321,7 @@ def enqueue_due_schedules(
     holds are skipped, not waited for. A schedule whose spec, cron or timezone no longer validates is
     paused with the reason in ``last_error`` instead of failing the others.
     """
-    with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn, conn.transaction():
+    with connect(database_url) as conn, conn.transaction():
         now = now or _db_now(conn)
         rows = conn.execute(
             _q("""
@@ -411,17 +353,14 @@ def _enqueue_tick(
         return ScheduleTick(schedule.id, schedule.tenant_id, schedule.next_run_at, None, False, reason)
     # The latest tick at or before now: the due one, or after downtime the most recent of those missed.
     scheduled_for = max(latest_tick(cron, tz, now), schedule.next_run_at)
+    # No max_active_jobs: a tick is never refused for the tenant's quota (the run still enforces row and byte quotas).
     job, created = jobs.create(
         request,
         callback_url=schedule.callback_url,
         created_by=f"schedule:{schedule.id}",
-        idempotency_key=tick_idempotency_key(schedule.id, scheduled_for),
+        schedule_id=schedule.id,
+        scheduled_for=scheduled_for,
     )
-    if created:
-        conn.execute(
-            "UPDATE export_jobs SET schedule_id = %s, scheduled_for = %s WHERE id = %s",
-            (schedule.id, scheduled_for, job.id),
-        )
     conn.execute(
         "UPDATE export_schedules SET next_run_at = %s, last_run_at = %s, last_export_id = %s, last_error = NULL,"
         " updated_at = now() WHERE id = %s",

@@ -54,9 +54,17 @@ def seeded_database_url(pg_server_url: str, seeded_template: str) -> Iterator[st
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+# In-process runs capture their compute logs with `tail -F` subprocesses, and on a loaded machine
+# Dagster's clean-up of those waited 2 x 30 s for them (a run that had ended took a minute to return).
+# These tests read runs and events, never compute logs.
+NO_COMPUTE_LOGS = {
+    "compute_logs": {"module": "dagster._core.storage.noop_compute_log_manager", "class": "NoOpComputeLogManager"}
+}
+
+
 @pytest.fixture
 def dagster_instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
-    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+    with dg.instance_for_test(temp_dir=str(tmp_path), overrides=NO_COMPUTE_LOGS) as instance:
         yield instance
 
 

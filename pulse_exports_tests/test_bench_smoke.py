@@ -16,6 +16,14 @@ from pulse_exports_tests.servers import S3Endpoint
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = 10_000
+WARM = "pulse-warm-csv-file"  # one warm-launcher contender: its webserver, daemon and API start once
+
+
+def smoke_contenders() -> list:
+    """Every DefaultRunLauncher-model contender and one warm one."""
+    from bench.contenders import ALL
+
+    return [c for c in ALL if c.kind != "warm" or c.key == WARM]
 
 
 @pytest.fixture
@@ -25,7 +33,7 @@ def bench_results(fresh_database_url: str, s3_endpoint: S3Endpoint, tmp_path: Pa
         sys.executable, "-m", "bench",
         "--database-url", fresh_database_url,
         "--rows", str(ROWS), "--telemetry-rows", str(2 * ROWS), "--tenants", "3", "--devices", "60",
-        "--repeat", "1", "--warmup", "0",
+        "--repeat", "1", "--warmup", "0", "--contenders", ",".join(c.key for c in smoke_contenders()),
         "--scaling", "4k", "--scaling-contenders", "psql,pulse-csv-file",
         "--s3-endpoint", s3_endpoint.url,
         "--s3-access-key", s3_endpoint.access_key_id, "--s3-secret-key", s3_endpoint.secret_access_key,
@@ -37,12 +45,11 @@ def bench_results(fresh_database_url: str, s3_endpoint: S3Endpoint, tmp_path: Pa
 
 
 def test_bench_runs_every_contender_and_writes_its_report(bench_results: tuple[dict, Path]) -> None:
-    from bench.contenders import ALL
-
+    chosen = smoke_contenders()
     results, docs = bench_results
     main = [r for r in results["runs"] if r["scale"] == ROWS]
     assert [r for r in results["runs"] if "failed" in r] == []
-    assert sorted(r["contender"] for r in main) == sorted(c.key for c in ALL)
+    assert sorted(r["contender"] for r in main) == sorted(c.key for c in chosen)
     for run in main:
         assert run["rows"] == ROWS
         assert 0 < run["seconds"] < 300
@@ -50,10 +57,17 @@ def test_bench_runs_every_contender_and_writes_its_report(bench_results: tuple[d
         assert run["bytes"] > 1_000
     pulse = [r for r in main if r["contender"].startswith("pulse-")]
     assert all(0 < r["first_row_seconds"] < r["seconds"] for r in pulse)
+    (warm,) = [r for r in main if r["contender"] == WARM]
+    # the daemon's dequeue, the forked run's start, the claim and the first row, in this order
+    assert 0 < warm["post_seconds"] < warm["seconds"]
+    timeline = ["dequeued_seconds", "run_start_seconds", "claim_seconds", "first_row_seconds"]
+    assert sorted(timeline, key=lambda k: warm[k]) == timeline, warm
+    assert 0 < warm["peak_private"] < warm["peak_rss"] and warm["zygote_rss"] > 50 << 20, warm
     assert {r["scale"] for r in results["runs"]} == {4_000, ROWS}
 
     report = (docs / "benchmarks.md").read_text()
-    for contender in ALL:
+    for contender in chosen:
         assert contender.label in report
+    assert "API + warm launcher" in report and "through the API's GraphQL launch (warm launcher" in report
     assert "× psql" in report and "### Targets" in report and "### Scaling" in report
     assert (docs / "img" / "benchmark.png").stat().st_size > 10_000

@@ -39,6 +39,8 @@ from pulse_exports.netguard import Allowlist, resolve_callback_target, validate_
 from pulse_exports.sensors import export_callbacks_sensor
 
 from .exports_harness import ExportHarness
+from .servers import S3Endpoint
+from .test_api import LiveApi, live_api, s3_env
 
 TENANT = "tenant-002"
 LOOPBACK = Allowlist.parse("127.0.0.0/8")
@@ -289,6 +291,74 @@ def test_export_without_callback_url_sends_nothing(exports: ExportHarness, recei
     assert exports.jobs.callback_state(job.id).status is None
     assert deliver_due_callbacks(exports.jobs, CallbackPolicy(allowlist=LOOPBACK)) == []
     assert receiver.requests == []
+
+
+# -- the product API ---------------------------------------------------------------------------
+@pytest.fixture
+def api(exports: ExportHarness, s3_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveApi]:
+    """The API over real HTTP, allowing loopback callback URLs (the receivers here)."""
+    s3_env(monkeypatch, s3_endpoint)
+    with live_api(exports, s3_endpoint_url=s3_endpoint.url, callback_allowlist="127.0.0.1/32") as live:
+        yield live
+
+
+def test_export_status_shows_where_its_callback_delivery_stands(
+    api: LiveApi, receivers: Callable[..., Receiver]
+) -> None:
+    ok, refusing = receivers(), receivers(status=500)
+    delivered = api.create(export_type="devices", callback_url=ok.url())["export_id"]
+    failed = api.create(export_type="devices", callback_url=refusing.url())["export_id"]
+    silent = api.create(export_type="devices")["export_id"]
+
+    def callback_of(export_id: str) -> tuple[Any, ...]:
+        with api.http() as http:
+            body = http.get(f"/exports/{export_id}").json()
+        return tuple(body[k] for k in ("callback_status", "callback_attempts", "callback_last_error"))
+
+    assert callback_of(delivered) == (None, 0, None)  # nothing until the export ends
+    assert api.run_exports() == [True, True, True]
+    assert callback_of(delivered) == callback_of(failed) == ("pending", 0, None)
+    deliver_due_callbacks(api.exports.jobs, CallbackPolicy(allowlist=LOOPBACK, max_attempts=1))
+
+    assert callback_of(delivered) == ("delivered", 1, None)
+    assert callback_of(failed) == ("failed", 1, "receiver answered HTTP 500")
+    assert callback_of(silent) == (None, 0, None)
+    with api.http() as http:
+        shown = http.get(f"/exports/{delivered}").json()["callback_delivered_at"]
+        assert http.get(f"/exports/{failed}").json()["callback_delivered_at"] is None
+    assert datetime.fromisoformat(shown) == api.exports.jobs.callback_state(delivered).delivered_at
+    assert len(ok.requests) == 1 and len(refusing.requests) == 1
+
+
+def test_callback_secret_is_shown_and_rotated_for_the_keys_tenant_only(
+    api: LiveApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = api.exports.jobs.callback_secret("tenant-001")
+    with api.http() as http:
+        shown = http.get("/callback-secret")
+        assert shown.status_code == 200 and shown.headers["cache-control"] == "no-store"
+        assert shown.json() == {"tenant_id": TENANT, "secret": api.exports.jobs.callback_secret(TENANT)}
+        first = shown.json()["secret"]
+        assert first != other and http.get("/callback-secret").json()["secret"] == first  # stable
+
+        rotated = http.post("/callback-secret/rotate")
+        assert rotated.status_code == 200 and rotated.headers["cache-control"] == "no-store"
+        new = rotated.json()["secret"]
+        assert re.fullmatch(r"[A-Za-z0-9_-]{43}", new) and new != first
+        assert http.get("/callback-secret").json() == {"tenant_id": TENANT, "secret": new}
+    assert api.exports.jobs.callback_secret(TENANT) == new  # what deliveries are signed with from now on
+    assert api.exports.jobs.callback_secret("tenant-001") == other  # another tenant's is untouched
+    with api.http("tenant-001") as http:
+        assert http.get("/callback-secret").json() == {"tenant_id": "tenant-001", "secret": other}
+    with api.http(tenant=None) as http:
+        for response in (
+            http.get("/callback-secret"),
+            http.post("/callback-secret/rotate"),
+            http.get("/callback-secret", headers={"Authorization": "Bearer pex_00000000_nope"}),
+        ):
+            assert response.status_code == 401 and "secret" not in response.json()
+    assert api.exports.jobs.callback_secret(TENANT) == new  # refused rotations changed nothing
+    assert first not in caplog.text and new not in caplog.text and other not in caplog.text
 
 
 # -- delivery mechanics ----------------------------------------------------------------------

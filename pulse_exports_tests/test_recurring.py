@@ -18,12 +18,12 @@ from click.testing import CliRunner
 
 from pulse_exports.catalog import Catalog, ExportRequestError, builtin_types
 from pulse_exports.cli import main as cli_main
+from pulse_exports.jobstore import schedule_idempotency_key
 from pulse_exports.recurring import (
     ExportSchedule,
     ScheduleNameTaken,
     ScheduleStore,
     enqueue_due_schedules,
-    tick_idempotency_key,
 )
 from pulse_exports.sensors import export_schedules_sensor
 from pulse_exports_tests.dagster_processes import DagsterServices, wait_for
@@ -88,7 +88,7 @@ def test_every_minute_schedule_makes_one_job_per_tick(seeded_database_url: str) 
 
     jobs = scheduled_jobs(seeded_database_url, schedule.id)
     assert [j[0] for j in jobs] == [at(m, 0) for m in range(1, 6)]
-    assert [j[1] for j in jobs] == [tick_idempotency_key(schedule.id, at(m, 0)) for m in range(1, 6)]
+    assert [j[1] for j in jobs] == [schedule_idempotency_key(schedule.id, at(m, 0)) for m in range(1, 6)]
     assert jobs[0][1] == f"schedule:{schedule.id}:2026-01-05T12:01:00+00:00"
     assert {(j[2], j[3]) for j in jobs} == {("PENDING", f"schedule:{schedule.id}")}
     after = ScheduleStore(seeded_database_url).get(schedule.id)

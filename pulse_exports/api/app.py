@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from anyio import to_thread
 from fastapi import APIRouter, FastAPI
 
-from pulse_exports.api import export_schedules, export_types, exports, health, metrics
+from pulse_exports.api import callback_secret, export_schedules, export_types, exports, health, metrics
 from pulse_exports.api.access_log import AccessLogMiddleware
 from pulse_exports.api.deps import API_PREFIX, ApiRuntime
 from pulse_exports.api.settings import ApiSettings
@@ -41,6 +41,7 @@ def build_app(settings: ApiSettings | None = None) -> FastAPI:
     api.include_router(exports.router)
     api.include_router(export_schedules.router)
     api.include_router(export_types.router)
+    api.include_router(callback_secret.router)
     api.include_router(health.router)
     app.include_router(api)
     app.include_router(metrics.router)  # at the root, where Prometheus looks by default

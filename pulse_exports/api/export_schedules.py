@@ -3,28 +3,21 @@ exports each one made. The export_schedules_sensor makes one export per tick (se
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import uuid
-from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, HTTPException, Response, status
 from pydantic import BaseModel, Field
 
 from pulse_exports.api.deps import LinksDep, RuntimeDep, TenantDep
-from pulse_exports.api.exports import _invalid, check_row_limit
-from pulse_exports.api.schemas import ExportCreate, ExportLinks, ExportPublic
+from pulse_exports.api.exports import _invalid, check_row_limit, validated_request
+from pulse_exports.api.pagination import PageCursor, PageLimit, created_and_id, decode_cursor, next_page
+from pulse_exports.api.schemas import ExportCreate, ExportLinks, ExportPublic, ExportSpecPublic
 from pulse_exports.catalog import ExportRequestError
-from pulse_exports.netguard import validate_callback_url
 from pulse_exports.recurring import ExportSchedule, ScheduledExport, ScheduleNameTaken, ScheduleStore
 
 router = APIRouter(prefix="/export-schedules", tags=["export schedules"])
-
-T = TypeVar("T")
 
 _NOT_FOUND = {404: {"description": "No such schedule for this tenant (unknown, malformed or another tenant's id)."}}
 
@@ -41,19 +34,10 @@ class ExportScheduleCreate(ExportCreate):
     timezone: str = Field(default="UTC", max_length=64, description="An IANA timezone.", examples=["Europe/Paris"])
 
 
-class ExportSchedulePublic(BaseModel):
+class ExportSchedulePublic(ExportSpecPublic):
     """A schedule as its tenant sees it."""
 
-    id: uuid.UUID
     name: str
-    export_type: str
-    format: str
-    compression: str
-    columns: list[str] | None
-    filters: dict[str, Any]
-    row_limit: int | None
-    options: dict[str, Any]
-    callback_url: str | None
     cron: str
     timezone: str
     enabled: bool
@@ -110,20 +94,6 @@ def _found(schedule: ExportSchedule | None) -> ExportSchedule:
     return schedule
 
 
-def _encode_cursor(*parts: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps(parts).encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str, parse: Callable[[list[str]], T]) -> T:
-    """``parse`` applied to the parts of a cursor this API made; 422 for anything else."""
-    try:
-        return parse(json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))))
-    except (ValueError, TypeError, LookupError, AttributeError, binascii.Error):
-        raise RequestValidationError(
-            [{"type": "value_error", "loc": ("query", "cursor"), "msg": "not a cursor from this API", "input": cursor}]
-        ) from None
-
-
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -138,23 +108,8 @@ def create_schedule(
     response: Response,
 ) -> ExportSchedulePublic:
     """Create a schedule; its first export is made at the next tick after now."""
-    options = dict(body.options or {})
-    if body.expires_in is not None:
-        options["expires_in"] = body.expires_in
+    request, callback_url = validated_request(body, tenant, runtime)
     try:
-        request = runtime.catalog().validate(
-            tenant_id=tenant.id,
-            export_type=body.export_type,
-            format=body.format,
-            compression=body.compression,
-            columns=body.columns,
-            filters=body.filters,
-            row_limit=body.row_limit,
-            options=options,
-        )
-        callback_url = (
-            validate_callback_url(body.callback_url, runtime.callback_allowlist) if body.callback_url else None
-        )
         check_row_limit(runtime.quotas.for_tenant(tenant.id), request.row_limit)  # every tick would fail
         schedule = schedules.create(
             request,
@@ -178,16 +133,15 @@ def list_schedules(
     tenant: TenantDep,
     schedules: SchedulesDep,
     links: LinksDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page.")] = None,
+    limit: PageLimit = 50,
+    cursor: PageCursor = None,
 ) -> ExportSchedulePage:
     """The tenant's schedules, oldest first."""
-    after = _decode_cursor(cursor, lambda p: (datetime.fromisoformat(p[0]), uuid.UUID(p[1]))) if cursor else None
+    after = decode_cursor(cursor, created_and_id) if cursor else None
     found = schedules.list_schedules(tenant.id, limit=limit + 1, after=after)
-    page = found[:limit]
+    page, next_cursor = next_page(found, limit, lambda s: (s.created_at.isoformat(), str(s.id)))
     return ExportSchedulePage(
-        items=[ExportSchedulePublic.from_schedule(s, links) for s in page],
-        next_cursor=_encode_cursor(page[-1].created_at.isoformat(), str(page[-1].id)) if len(found) > limit else None,
+        items=[ExportSchedulePublic.from_schedule(s, links) for s in page], next_cursor=next_cursor
     )
 
 
@@ -226,15 +180,14 @@ def list_schedule_exports(
     tenant: TenantDep,
     schedules: SchedulesDep,
     links: LinksDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page.")] = None,
+    limit: PageLimit = 50,
+    cursor: PageCursor = None,
 ) -> ScheduledExportPage:
     """The exports this schedule made, latest tick first."""
     schedule = _found(schedules.get(schedule_id, tenant_id=tenant.id))
-    before = _decode_cursor(cursor, lambda p: datetime.fromisoformat(p[0])) if cursor else None
+    before = decode_cursor(cursor, lambda p: datetime.fromisoformat(p[0])) if cursor else None
     found = schedules.exports(schedule.id, tenant_id=tenant.id, limit=limit + 1, before=before)
-    page = found[:limit]
+    page, next_cursor = next_page(found, limit, lambda e: (e.scheduled_for.isoformat(),))
     return ScheduledExportPage(
-        items=[ScheduledExportPublic.from_scheduled(e, links) for e in page],
-        next_cursor=_encode_cursor(page[-1].scheduled_for.isoformat()) if len(found) > limit else None,
+        items=[ScheduledExportPublic.from_scheduled(e, links) for e in page], next_cursor=next_cursor
     )

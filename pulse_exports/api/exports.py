@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 import math
 import re
-import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Annotated
 
@@ -18,9 +14,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, RedirectResponse
 
 from pulse_exports.api.deps import ApiRuntime, LinksDep, RuntimeDep, Tenant, TenantDep
+from pulse_exports.api.pagination import PageCursor, PageLimit, created_and_id, decode_cursor, next_page
 from pulse_exports.api.schemas import (
     DownloadManifest,
     DownloadPart,
+    ExportBase,
     ExportCreate,
     ExportCreated,
     ExportLinks,
@@ -79,6 +77,23 @@ def check_row_limit(quota: TenantQuota, row_limit: int | None) -> None:
         raise quota_invalid(QuotaExceeded.for_row_limit(quota.max_rows, row_limit), "row_limit", row_limit)
 
 
+def validated_request(body: ExportCreate, tenant: Tenant, runtime: ApiRuntime) -> tuple[ExportRequest, str | None]:
+    """The body checked against the catalog and its callback URL against the network guard: (the request,
+    the callback URL); a 422 naming the field otherwise."""
+    spec = body.model_dump(include=set(ExportBase.model_fields))
+    spec["options"] = dict(body.options or {})
+    if body.expires_in is not None:
+        spec["options"]["expires_in"] = body.expires_in
+    try:
+        request = runtime.catalog().validate(tenant_id=tenant.id, **spec)
+        callback_url = (
+            validate_callback_url(body.callback_url, runtime.callback_allowlist) if body.callback_url else None
+        )
+    except ExportRequestError as exc:
+        raise _invalid(exc, expires_in_given=body.expires_in is not None) from None
+    return request, callback_url
+
+
 def _tenant_job(runtime: ApiRuntime, tenant: Tenant, export_id: str) -> ExportJob:
     job = runtime.jobs.get(export_id, tenant_id=tenant.id)
     if job is None:
@@ -116,25 +131,7 @@ def create_export(
     ] = None,
 ) -> ExportCreated:
     """Create an export and launch its run at once when Dagster's GraphQL API is configured."""
-    options = dict(body.options or {})
-    if body.expires_in is not None:
-        options["expires_in"] = body.expires_in
-    try:
-        request = runtime.catalog().validate(
-            tenant_id=tenant.id,
-            export_type=body.export_type,
-            format=body.format,
-            compression=body.compression,
-            columns=body.columns,
-            filters=body.filters,
-            row_limit=body.row_limit,
-            options=options,
-        )
-        callback_url = (
-            validate_callback_url(body.callback_url, runtime.callback_allowlist) if body.callback_url else None
-        )
-    except ExportRequestError as exc:
-        raise _invalid(exc, expires_in_given=body.expires_in is not None) from None
+    request, callback_url = validated_request(body, tenant, runtime)
     quota = runtime.quotas.for_tenant(tenant.id)
     limited = quota.max_rows is not None or quota.max_active_jobs is not None
     # A retry of a request already made returns its export, whatever the quotas say now.
@@ -231,28 +228,13 @@ def _launch(runtime: ApiRuntime, job: ExportJob) -> tuple[LaunchOutcome, str | N
     return "launched", None, run_id
 
 
-def _encode_cursor(job: ExportJob) -> str:
-    raw = json.dumps([job.created_at.isoformat(), str(job.id)]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        created_at, export_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(created_at), uuid.UUID(export_id)
-    except (ValueError, TypeError, binascii.Error):
-        raise RequestValidationError(
-            [{"type": "value_error", "loc": ("query", "cursor"), "msg": "not a cursor from this API", "input": cursor}]
-        ) from None
-
-
 @router.get("")
 def list_exports(
     tenant: TenantDep,
     runtime: RuntimeDep,
     links: LinksDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page.")] = None,
+    limit: PageLimit = 50,
+    cursor: PageCursor = None,
     status_filter: Annotated[list[ExportStatus] | None, Query(alias="status")] = None,
     type_filter: Annotated[list[str] | None, Query(alias="type", description="Export types.")] = None,
 ) -> ExportPage:
@@ -265,15 +247,12 @@ def list_exports(
     jobs = runtime.jobs.list_for_tenant(
         tenant.id,
         limit=limit + 1,
-        before=_decode_cursor(cursor) if cursor else None,
+        before=decode_cursor(cursor, created_and_id) if cursor else None,
         statuses=[s.value for s in status_filter or []],
         export_types=type_filter or [],
     )
-    page = jobs[:limit]
-    return ExportPage(
-        items=[ExportPublic.from_job(job, links) for job in page],
-        next_cursor=_encode_cursor(page[-1]) if len(jobs) > limit else None,
-    )
+    page, next_cursor = next_page(jobs, limit, lambda job: (job.created_at.isoformat(), str(job.id)))
+    return ExportPage(items=[ExportPublic.from_job(job, links) for job in page], next_cursor=next_cursor)
 
 
 @router.get("/{export_id}", responses=_NOT_FOUND)

@@ -17,7 +17,7 @@ from pulse_exports.catalog import MAX_ROW_LIMIT
 from pulse_exports.formats import COMPRESSIONS, FORMATS
 
 if TYPE_CHECKING:
-    from pulse_exports.jobstore import ExportJob
+    from pulse_exports.jobstore import ExportJob, ExportSpecRow
 
 
 class ExportStatus(str, Enum):
@@ -108,11 +108,10 @@ class ExportLinks:
         return f"{self.dagster_ui_url.rstrip('/')}/runs/{run_id}" if self.dagster_ui_url and run_id else None
 
 
-class ExportPublic(BaseModel):
-    """An export as its tenant sees it."""
+class ExportSpecPublic(BaseModel):
+    """What an export or a schedule asks for, as stored: validated, with the defaults filled in."""
 
     id: uuid.UUID
-    status: ExportStatus
     export_type: str
     format: str
     compression: str
@@ -121,6 +120,17 @@ class ExportPublic(BaseModel):
     row_limit: int | None
     options: dict[str, Any]
     callback_url: str | None
+
+    @staticmethod
+    def spec_of(row: ExportSpecRow) -> dict[str, Any]:
+        """These fields' values from an export_jobs or export_schedules row."""
+        return {name: getattr(row, name) for name in ExportSpecPublic.model_fields}
+
+
+class ExportPublic(ExportSpecPublic):
+    """An export as its tenant sees it."""
+
+    status: ExportStatus
     progress: ExportProgress
     row_count: int | None
     bytes: int | None
@@ -135,6 +145,12 @@ class ExportPublic(BaseModel):
     download_url: str | None = Field(description="Set once COMPLETED: redirects to the file (or lists the parts).")
     run_id: str | None
     dagster_run_url: str | None
+    callback_status: Literal["pending", "delivered", "failed"] | None = Field(
+        default=None, description="The callback's delivery; null without a callback_url or until the export ends."
+    )
+    callback_attempts: int = Field(default=0, description="Delivery attempts made so far for the latest event.")
+    callback_last_error: str | None = Field(default=None, description="Why the latest attempt failed.")
+    callback_delivered_at: datetime | None = None
 
     @classmethod
     def from_job(cls, job: ExportJob, links: ExportLinks) -> ExportPublic:
@@ -146,16 +162,8 @@ class ExportPublic(BaseModel):
         else:
             percent = None
         return cls(
-            id=job.id,
+            **cls.spec_of(job),
             status=ExportStatus(job.status),
-            export_type=job.export_type,
-            format=job.format,
-            compression=job.compression,
-            columns=job.columns,
-            filters=job.filters,
-            row_limit=job.row_limit,
-            options=job.options,
-            callback_url=job.callback_url,
             progress=ExportProgress(
                 rows_done=job.rows_done, rows_total=job.row_count if completed else job.rows_total, percent=percent
             ),
@@ -172,6 +180,10 @@ class ExportPublic(BaseModel):
             download_url=links.download_url(job.id) if completed else None,
             run_id=job.run_id,
             dagster_run_url=links.run_url(job.run_id),
+            callback_status=job.callback_status,
+            callback_attempts=job.callback_attempts,
+            callback_last_error=job.callback_last_error,
+            callback_delivered_at=job.callback_delivered_at,
         )
 
 
@@ -239,3 +251,11 @@ class QuotaRefused(BaseModel):
     """The body of a 429: retry after the Retry-After header's seconds."""
 
     detail: QuotaRefusal
+
+
+class CallbackSecret(BaseModel):
+    """The key that signs a tenant's callbacks: X-Pulse-Signature is ``v1=`` + hex HMAC-SHA256 of
+    ``"{timestamp}.{body}"`` keyed with this text (UTF-8)."""
+
+    tenant_id: str
+    secret: str
