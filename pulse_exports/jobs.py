@@ -168,9 +168,9 @@ def extract_and_write(
             if len(queries) == 1:
                 return write_export(stream_query(source, queries[0], settings.batch_rows), **common)
             context.log.info(f"reading {len(queries)} time slices at once")
+            batch_rows = max(settings.batch_rows // len(queries), 1024)  # the same rows in memory as one stream
             readers = [
-                lambda q=q: stream_query(source, q, settings.batch_rows, session_options=SLICE_SESSION_OPTIONS)
-                for q in queries
+                lambda q=q: stream_query(source, q, batch_rows, session_options=SLICE_SESSION_OPTIONS) for q in queries
             ]
             return write_export_slices(readers, **common)
 

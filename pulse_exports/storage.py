@@ -24,6 +24,9 @@ _log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
 DEFAULT_MULTIPART_CHUNKSIZE = 16 * MiB
+# A part uploaded while it is written sends pieces this big (S3's smallest but the last is 5 MiB): one
+# in flight per writer, and an export may have a writer per slice. 10,000 pieces allow 80 GiB parts.
+TAIL_UPLOAD_CHUNKSIZE = 8 * MiB
 _DELETE_BATCH = 1000  # the most keys one S3 DeleteObjects call accepts
 _TEMP_PREFIX = ".pulse-tmp-"  # in-flight local writes; never a key segment, never listed
 
@@ -232,7 +235,9 @@ class S3ExportStore:
 
     def begin_upload(self, key: str, path: Path, content_type: str | None = None) -> PartUpload:
         """Upload ``path`` chunk by chunk while it grows, so little is left to send once it is closed."""
-        return _TailUpload(self, key, path, content_type, self._transfer_config.multipart_chunksize)
+        return _TailUpload(
+            self, key, path, content_type, min(TAIL_UPLOAD_CHUNKSIZE, self._transfer_config.multipart_chunksize)
+        )
 
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
