@@ -525,3 +525,18 @@ def test_helm_values_render_valid_config_for_every_class_they_name(chart_instanc
         klass = _import_class(node["module"], node["class"])
         assert issubclass(klass, KIND_OF[key_path[-1]]), key_path
         _validated_config(klass, node["config"])
+
+
+def test_every_deployment_logs_runs_as_json_like_the_root_dagster_yaml(values):
+    python_logs = _load(REPO / "dagster.yaml")["python_logs"]
+    formatter = python_logs["dagster_handler_config"]["formatters"]["pulse"]["()"]
+    assert callable(getattr(importlib.import_module(formatter.rsplit(".", 1)[0]), formatter.rsplit(".", 1)[1]))
+    for path in (DEPLOY / "docker" / "dagster.yaml", DEPLOY / "ecs" / "dagster.yaml"):
+        assert _load(path)["python_logs"] == python_logs, path
+    helm = values["pythonLogs"]
+    assert (helm["pythonLogLevel"], helm["managedPythonLoggers"], helm["dagsterHandlerConfig"]) == (
+        python_logs["python_log_level"],
+        python_logs["managed_python_loggers"],
+        python_logs["dagster_handler_config"],
+    )
+
