@@ -539,4 +539,3 @@ def test_every_deployment_logs_runs_as_json_like_the_root_dagster_yaml(values):
         python_logs["managed_python_loggers"],
         python_logs["dagster_handler_config"],
     )
-
