@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,6 +29,7 @@ import httpx
 import yaml
 
 from bench.measure import vm_hwm
+from pulse_exports.processes import ServiceProcess, signal_group
 
 REPO = Path(__file__).resolve().parent.parent
 LOCATION = "pulse_exports"
@@ -87,65 +87,24 @@ def instance_yaml() -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-class Service:
-    """A long-running command in its own session, output to a log file; stopped with its descendants."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], workdir: Path) -> None:
-        self.name, self.args, self.env, self.workdir = name, args, env, workdir
-        self.log_path = workdir / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Service:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.args,
-                cwd=self.workdir,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C in the terminal reaches the benchmark only; it stops us
-            )
-        return self
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+class Service(ServiceProcess):
+    """A ServiceProcess whose stop also kills the descendants that left its group (the warm launcher's
+    zygote and its run workers call setsid)."""
 
     def stop(self, grace: float = 10) -> None:
-        """SIGTERM the group, then SIGKILL what is left of it and of the descendants that left it (the
-        warm launcher's zygote and its run workers call setsid)."""
         import psutil
 
-        process, self.process = self.process, None
-        if process is None:
-            return
         try:
-            descendants = psutil.Process(process.pid).children(recursive=True)
+            descendants = psutil.Process(self.process.pid).children(recursive=True) if self.process else []
         except psutil.Error:
             descendants = []
-        _killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        _killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+        super().stop(grace)
         _, alive = psutil.wait_procs(descendants, timeout=5)
         for child in alive:
             try:
                 child.kill()
             except psutil.Error:
                 pass
-
-
-def _killpg(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 @dataclass
@@ -378,7 +337,7 @@ class WarmStack:
         self.services.clear()
         for pid in self._workers:  # forked workers are in their own sessions; only an interrupted run is left
             if process_start(pid) is not None:
-                _killpg(pid, signal.SIGKILL)
+                signal_group(pid, signal.SIGKILL)
         if self._key_id is not None:
             from pulse_exports.apikeys import ApiKeyStore
 

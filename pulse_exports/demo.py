@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -87,40 +83,17 @@ def prepare_environment(home: Path) -> dict[str, str]:
     return env
 
 
-@contextmanager
-def api_in_background(host: str = "127.0.0.1") -> Iterator[str]:
-    """``pulse-exports serve`` on a free loopback port, in a thread of this process; yields its base URL."""
-    import uvicorn
-
-    from pulse_exports.api import create_app
-
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(), host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="pulse-api", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the API did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 def run_api_leg(home: Path, defs: Any, instance: Any) -> bool:
     """The product API's path: an API key, POST /exports, the sensor's launch, GET until done, download."""
+    from pulse_exports.api import create_app
+    from pulse_exports.api.in_thread import serve_in_thread
     from pulse_exports.apikeys import ApiKeyStore
     from pulse_exports.client import PulseExportsClient
     from pulse_exports.local_runs import run_pending_exports
 
     keys = ApiKeyStore(os.environ["PULSE_DATABASE_URL"])
     key = keys.create(tenant_name(1), name="demo")
-    with api_in_background() as base_url, PulseExportsClient(base_url, key.secret) as client:
+    with serve_in_thread(create_app()) as base_url, PulseExportsClient(base_url, key.secret) as client:
         created = client.create("alerts", format="ndjson", filters={"time_range": "30d"})
         print(f"\nAPI:          {base_url}/docs  (key {key.key.prefix}..., tenant {key.key.tenant_id})")
         print(f"              POST /api/v1/exports -> {created.status.value} {created.export_id}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import httpx
 
 from pulse_exports import migrations
 from pulse_exports.demo import prepare_environment
+from pulse_exports.processes import ServiceProcess
 from pulse_exports.redact import redact
 from pulse_exports.sample_data import is_seeded, seed_demo, tenant_name
 
@@ -36,12 +36,12 @@ def _dagster_cli() -> str:
     return str(beside) if beside.exists() else shutil.which("dagster") or "dagster"
 
 
-def _wait_for_dagster(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+def _wait_for_dagster(url: str, dagster: ServiceProcess, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     query = {"query": "{ repositoriesOrError { __typename ... on RepositoryConnection { nodes { name } } } }"}
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"dagster dev exited with code {process.returncode}")
+        if not dagster.alive():
+            raise RuntimeError(f"dagster dev exited:\n{dagster.log_tail()}")
         try:
             answer = httpx.post(f"{url}/graphql", json=query, timeout=2).json()
             if answer["data"]["repositoriesOrError"].get("nodes"):
@@ -50,18 +50,6 @@ def _wait_for_dagster(url: str, process: subprocess.Popen[bytes], timeout: float
             pass
         time.sleep(0.5)
     raise RuntimeError(f"Dagster did not answer at {url} within {timeout:.0f}s")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group (webserver, daemon, code server, run workers), SIGKILL what lingers."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -89,8 +77,7 @@ def run_dev_stack(home: Path, *, api_port: int, dagster_port: int, telemetry_row
         PULSE_DAGSTER_LOCATION_NAME=LOCATION_NAME,
     )
     command = [_dagster_cli(), "dev", "-w", str(workspace), "-h", "127.0.0.1", "-p", str(dagster_port)]
-    log = (home / "dagster-dev.log").open("ab")
-    dagster = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    dagster = ServiceProcess("dagster-dev", command, None, home).start()
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)  # uvicorn installs its own once it runs
     try:
         _wait_for_dagster(dagster_url, dagster, timeout=180)
@@ -99,7 +86,7 @@ def run_dev_stack(home: Path, *, api_port: int, dagster_port: int, telemetry_row
         print(
             f"job database:  {redact(database_url)}\n"
             f"storage:       {os.environ['PULSE_STORAGE_URL']}\n"
-            f"Dagster UI:    {dagster_url}   (log: {home / 'dagster-dev.log'})\n"
+            f"Dagster UI:    {dagster_url}   (log: {dagster.log_path})\n"
             f"product API:   {api_url}/docs\n"
             f"API key:       {key.secret}   (tenant {key.key.tenant_id}; shown once)\n\n"
             f"  curl -s -X POST {api_url}/api/v1/exports -H 'Authorization: Bearer {key.secret}' \\\n"
@@ -113,5 +100,4 @@ def run_dev_stack(home: Path, *, api_port: int, dagster_port: int, telemetry_row
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
-        _stop(dagster)
-        log.close()
+        dagster.stop(grace=20)

@@ -9,8 +9,6 @@ runs in its own session, so teardown can kill the whole group (code servers and 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -25,6 +23,7 @@ import pytest
 import yaml
 from psycopg import sql
 
+from pulse_exports.processes import ServiceProcess
 from pulse_exports_tests.servers import S3Endpoint, _free_ports
 
 LOCATION = "pulse_exports"
@@ -85,57 +84,6 @@ query ExportRuns($tags: [ExecutionTag!]) {
   }
 }
 """
-
-
-class ServiceProcess:
-    """One long-running command, its output in a log file, stopped with its whole process group."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], workdir: Path) -> None:
-        self.name = name
-        self.args = args
-        self.env = env
-        self.workdir = workdir
-        self.log_path = workdir / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ServiceProcess:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.args,
-                cwd=self.workdir,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return self
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
-
-    def stop(self, grace: float = 10) -> None:
-        """SIGTERM the group (Dagster shuts its code servers down), then SIGKILL what is left."""
-        process, self.process = self.process, None
-        if process is None:
-            return
-        _signal_group(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        _signal_group(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def wait_for(

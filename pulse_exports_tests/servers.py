@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +15,8 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
+
+from pulse_exports.processes import stop_group
 
 
 @dataclass(frozen=True)
@@ -190,13 +190,7 @@ class SeaweedS3:
         process, self._process = self._process, None
         if process is None:
             return
-        _signal_group(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        _signal_group(process.pid, signal.SIGKILL)  # also anything the leader left behind
-        process.wait(timeout=10)
+        stop_group(process, grace)
         # weed always puts each gRPC server's Unix socket in /tmp; a killed weed leaves them behind.
         master_grpc, volume_grpc, filer_grpc, s3_grpc = self._ports[1:8:2]
         for kind, port in (("master", master_grpc), ("volume", volume_grpc), ("filer", filer_grpc), ("s3", s3_grpc)):
@@ -207,10 +201,3 @@ class SeaweedS3:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass

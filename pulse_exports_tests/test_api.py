@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import json
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,13 +20,12 @@ import httpx
 import psycopg
 import pytest
 import schemathesis
-import uvicorn
 from click.testing import CliRunner
-from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 from pulse_exports.api import create_app
+from pulse_exports.api.in_thread import serve_in_thread
 from pulse_exports.api.settings import ApiSettings
 from pulse_exports.apikeys import ApiKeyStore
 from pulse_exports.cli import main as cli_main
@@ -47,23 +45,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Run ``app`` under uvicorn on a loopback port in a thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 @dataclass
@@ -108,7 +89,7 @@ def s3_env(monkeypatch: pytest.MonkeyPatch, endpoint: S3Endpoint) -> None:
 @contextmanager
 def live_api(exports: ExportHarness, **settings: Any) -> Iterator[LiveApi]:
     api_settings = ApiSettings(database_url=exports.database_url, storage_url=exports.storage.url, **settings)
-    with serve(create_app(api_settings)) as url:
+    with serve_in_thread(create_app(api_settings)) as url:
         yield LiveApi(url, api_settings, exports, ApiKeyStore(exports.database_url))
 
 
