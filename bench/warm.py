@@ -2,7 +2,7 @@
 
 A ``WarmStack`` is one deployment on loopback, started once per (database, store) and stopped with the
 benchmark: ``dagster-webserver`` and ``dagster-daemon`` over a temporary SQLite ``DAGSTER_HOME`` (the
-production ``concurrency`` limits and ``run_retries``, ``QueuedRunCoordinator`` dequeuing every second,
+production ``concurrency`` limits and ``run_retries``, ``FastQueuedRunCoordinator`` dequeuing every 0.5 s,
 ``run_launcher`` = ``WarmRunLauncher`` preloading ``pulse_exports.definitions``), and the product API
 (``pulse-exports serve``) launching through the webserver's GraphQL API. ``export_jobs_sensor`` is
 stopped before the daemon starts: the API launches every run (the sensor is only its fallback), and a
@@ -74,11 +74,11 @@ class StackFailed(RuntimeError):
 
 
 def instance_yaml() -> str:
-    """The repository's dagster.yaml for SQLite: its queue limits and retries, the warm launcher, 1 s dequeues."""
+    """The repository's dagster.yaml for SQLite: its queue limits and retries, the warm launcher, 0.5 s dequeues."""
     production = yaml.safe_load((REPO / "dagster.yaml").read_text())
     config = {
         "telemetry": {"enabled": False},
-        "run_coordinator": {**production["run_coordinator"], "config": {"dequeue_interval_seconds": 1}},
+        "run_coordinator": production["run_coordinator"],
         "run_launcher": WARM_LAUNCHER,
         "concurrency": production["concurrency"],
         "run_retries": production["run_retries"],

@@ -22,7 +22,7 @@ DEMO_EXPORTS = (
 
 
 # The embedded instance: SQLite storage (Dagster's default), the production profile's queue limits
-# (dagster.yaml at the repository root) with a one-second dequeue, and no telemetry. `make up` runs
+# (dagster.yaml at the repository root) with a half-second dequeue, and no telemetry. `make up` runs
 # everything on one machine in one Python environment: runs start from the warm launcher's
 # pre-imported process (~0.2 s) instead of a new interpreter (~1.5 s); see deploy/README.md.
 _WRITTEN_BY = "# Written by pulse-exports (demo, dev); delete this line to keep your own edits.\n"
@@ -32,10 +32,10 @@ LOCAL_DAGSTER_YAML = (
 telemetry:
   enabled: false
 run_coordinator:
-  module: dagster
-  class: QueuedRunCoordinator
+  module: pulse_exports.run_coordinator
+  class: FastQueuedRunCoordinator
   config:
-    dequeue_interval_seconds: 1
+    dequeue_interval_seconds: 0.5
 run_launcher:
   module: pulse_exports.warm_launcher
   class: WarmRunLauncher

@@ -7,6 +7,7 @@ Reading a missing key raises ``FileNotFoundError`` in both.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -114,9 +115,20 @@ class LocalExportStore:
             shutil.copyfile(path, temp)
 
     def begin_upload(self, key: str, path: Path, content_type: str | None = None) -> PartUpload:
-        """A local copy is fast and atomic: it happens at ``finish``."""
+        """Published at ``finish``, atomically: the finished file is moved into place (renamed, when the
+        scratch folder is on the store's filesystem, so a part is never copied), else copied."""
         validate_key(key)
-        return _CopyWhenFinished(lambda: self.put_file(key, path, content_type))
+        return _CopyWhenFinished(lambda: self._move_in(key, path, content_type))
+
+    def _move_in(self, key: str, path: Path, content_type: str | None) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(path, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            self.put_file(key, path, content_type)  # another filesystem: copy beside the target, then rename
 
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         with self._atomic_target(key) as temp:

@@ -294,8 +294,10 @@ def test_local_begun_upload_publishes_at_finish_only(tmp_path: Path) -> None:
     assert not store.exists("t/e/part.csv")
     upload.finish()
     assert store.get_bytes("t/e/part.csv") == b"a\n1\n"
+    assert not path.exists()  # same filesystem: the part was renamed into place, not copied
+    path.write_text("b\n2\n")
     store.begin_upload("t/e/never.csv", path).abort()
-    assert not store.exists("t/e/never.csv")
+    assert not store.exists("t/e/never.csv") and path.exists()
 
 
 def test_abort_multipart_uploads_aborts_only_uploads_under_the_prefix(
