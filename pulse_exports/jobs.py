@@ -6,6 +6,7 @@ FAILED with a short reason before the run fails.
 """
 
 import dataclasses
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -150,6 +151,12 @@ def extract_and_write(
             max_bytes=int(job.options.get("part_max_bytes", settings.part_max_bytes)),
         )
 
+        rows_flowing = threading.Event()  # the first rows are written: the metric-key check may start
+
+        def progress(rows: int) -> bool:
+            rows_flowing.set()
+            return not beat.lost and jobs.record_progress(job.id, run_id, rows)
+
         def export(queries: list[str]) -> ExportOutcome:
             source, store = database.source(), storage.get_store()
             common: dict[str, Any] = dict(
@@ -157,7 +164,7 @@ def extract_and_write(
                 request=job.request,
                 store=store,
                 limits=limits,
-                on_progress=lambda rows: not beat.lost and jobs.record_progress(job.id, run_id, rows),
+                on_progress=progress,
                 workdir=Path(settings.workdir) if settings.workdir else None,
                 max_rows=plan.get("max_rows"),
                 max_bytes=plan.get("max_bytes"),
@@ -172,7 +179,7 @@ def extract_and_write(
             ]
             return write_export_slices(readers, **common)
 
-        outcome = _export_checking_metric_columns(context, database, settings, job, plan, export)
+        outcome = _export_checking_metric_columns(context, database, settings, job, plan, export, rows_flowing)
     context.log.info(f"wrote {outcome.row_count} rows in {len(outcome.parts)} parts, {outcome.bytes} bytes")
     return {"export_id": export_id, "outcome": outcome.to_dict()}
 
@@ -257,6 +264,7 @@ def _export_checking_metric_columns(
     job: ExportJob,
     plan: dict,
     export: Callable[[list[str]], ExportOutcome],
+    rows_flowing: threading.Event | None = None,
 ) -> ExportOutcome:
     """Export with the plan's query. When its metric columns came from a sample, look meanwhile
     for a row with a key the sample lacked; if there is one, or the query failed (its strict casts
@@ -265,7 +273,11 @@ def _export_checking_metric_columns(
         return export(plan.get("slice_queries") or [plan["query"]])
     check = None
     if unplanned_keys := plan.get("unplanned_keys_query"):
-        check = ConcurrentCheck(database.source(), lambda conn: not conn.execute(unplanned_keys).fetchone()[0])
+        check = ConcurrentCheck(
+            database.source(),
+            lambda conn: not conn.execute(unplanned_keys).fetchone()[0],
+            start_after=rows_flowing,  # its scan would delay the first row
+        )
     try:
         try:
             outcome: ExportOutcome | None = export(plan.get("slice_queries") or [plan["query"]])

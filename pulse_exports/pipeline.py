@@ -382,19 +382,28 @@ class ConcurrentCheck:
     A plan whose metric columns were typed from a sample is checked this way for a row with a key
     the sample lacked: that pass over every row overlaps the export instead of delaying its first
     row. The check's backend runs without parallel workers, leaving the other cores to the export.
+    With ``start_after``, it waits for that event (the export's first rows): until then its scan
+    would compete with the export's queries for the cores and delay the first row.
     """
 
-    def __init__(self, database_url: str, check: Callable[[Any], bool]) -> None:
+    def __init__(
+        self, database_url: str, check: Callable[[Any], bool], *, start_after: threading.Event | None = None
+    ) -> None:
         self._url = database_url
         self._check = check
         self._conn: Any = None
         self._cancelled = False
+        self._start = start_after
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="pulse-check")
         self._future: Future[bool] = self._pool.submit(self._run)
 
     def _run(self) -> bool:
         import psycopg
 
+        if self._start is not None:
+            self._start.wait()
+        if self._cancelled:
+            raise ExportCancelled("check cancelled")
         with psycopg.connect(self._url, autocommit=True) as conn:
             self._conn = conn
             if self._cancelled:
@@ -403,12 +412,16 @@ class ConcurrentCheck:
             return self._check(conn)
 
     def result(self) -> bool:
-        """Wait for the check; its errors are raised here."""
+        """Wait for the check (starting it now if it still waits); its errors are raised here."""
+        if self._start is not None:
+            self._start.set()
         return self._future.result()
 
     def cancel(self) -> None:
         """Interrupt the check if it still runs, and wait for its thread."""
         self._cancelled = True
+        if self._start is not None:
+            self._start.set()  # a check still waiting to start ends now
         if not self._future.done() and self._conn is not None:
             self._conn.cancel_safe()
         self._pool.shutdown(wait=True)
