@@ -30,6 +30,7 @@ from pulse_exports.pipeline import (
     discard_export,
     export_prefix,
     stream_query,
+    verify_parts,
     write_export,
     write_export_slices,
     write_manifest,
@@ -201,6 +202,7 @@ def finish_export(
         try:
             if not jobs.heartbeat(job.id, context.run_id):  # never write the manifest of an export taken over
                 raise ExportCancelled("the export was cancelled or taken over by another run")
+            verify_parts(store, outcome["parts"])  # the manifest vouches for exactly these files
             manifest = write_manifest(store, export_id, job.request, outcome)
             done = database.jobs().complete(
                 job.id,

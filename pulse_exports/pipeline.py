@@ -233,6 +233,11 @@ def write_export(
                     pending.result()  # at most one upload in flight: bounded disk as well as memory
 
                 def publish() -> None:
+                    # A run that was frozen while its export was taken over must not publish over the new
+                    # run's part of the same name: ownership is checked again right before each publish.
+                    if owns_export is not None and not owns_export():
+                        part_upload.abort()
+                        raise ExportCancelled("the export was taken over by another run: its parts are not published")
                     part_upload.finish()
                     path.unlink(missing_ok=True)
 
@@ -344,6 +349,7 @@ def write_export_slices(
                 budget=budget,
                 first_part=index * SLICE_PART_STRIDE,
                 as_slice=True,
+                owns_export=owns_export,
                 **options,
             )
         except BaseException:
@@ -426,6 +432,24 @@ class ConcurrentCheck:
             self._conn.cancel_safe()
         self._pool.shutdown(wait=True)
         self._future.exception()  # a cancelled query's error is expected: retrieve it, do not raise it
+
+
+class PartsChanged(RuntimeError):
+    """A part in the store is not the file this run wrote (missing, or of another size)."""
+
+
+def verify_parts(store: ExportStore, parts: Sequence[dict[str, Any]]) -> None:
+    """Check that every part is in the store with the size this run wrote, before the manifest vouches for it."""
+    for part in parts:
+        try:
+            size = store.size(part["key"])
+        except Exception as exc:  # FileNotFoundError, or S3's 404 ClientError
+            raise PartsChanged(f"part {part['key']} is missing from the store ({type(exc).__name__})") from None
+        if size != part["bytes"]:
+            raise PartsChanged(
+                f"part {part['key']} has {size} bytes in the store, not the {part['bytes']} this run wrote:"
+                " another run wrote under this export's prefix"
+            )
 
 
 def discard_export(store: ExportStore, prefix: str) -> None:

@@ -68,6 +68,34 @@ class FaultyExportStorage(ExportStorage):
         return FaultyStore(super().get_store(), self.fail_after)  # type: ignore[return-value]
 
 
+class OverwritingStore:
+    """A real store where, right after each part is published, "another run" writes that key again."""
+
+    def __init__(self, inner: ExportStore) -> None:
+        self._inner = inner
+
+    def begin_upload(self, key: str, path: Path, content_type: str | None = None) -> PartUpload:
+        inner, store = self._inner.begin_upload(key, path, content_type=content_type), self._inner
+
+        class Overwritten:
+            def finish(self) -> None:
+                inner.finish()
+                store.put_bytes(key, b"another run's part")
+
+            def abort(self) -> None:
+                inner.abort()
+
+        return Overwritten()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class OverwritingExportStorage(ExportStorage):
+    def get_store(self) -> ExportStore:
+        return OverwritingStore(super().get_store())  # type: ignore[return-value]
+
+
 @dataclass
 class ExportHarness:
     database_url: str
@@ -97,6 +125,9 @@ class ExportHarness:
 
     def fail_uploads_after(self, count: int) -> None:
         self.storage = FaultyExportStorage(**self.storage.model_dump(), fail_after=count)
+
+    def overwrite_parts_after_publish(self) -> None:
+        self.storage = OverwritingExportStorage(**self.storage.model_dump())
 
     def simulate_crashed_run(self, request: dg.RunRequest) -> None:
         """A run that dies outside op code: created, then reported failed, then seen by the sensor."""
