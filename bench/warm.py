@@ -1,8 +1,9 @@
 """pulse_exports as the product runs it with the warm run launcher: real services, the API's GraphQL launch.
 
 A ``WarmStack`` is one deployment on loopback, started once per (database, store) and stopped with the
-benchmark: ``dagster-webserver`` and ``dagster-daemon`` over a temporary SQLite ``DAGSTER_HOME`` (the
-production ``concurrency`` limits and ``run_retries``, ``FastQueuedRunCoordinator`` dequeuing every 0.5 s,
+benchmark: ``dagster-webserver`` and ``dagster-daemon`` over a temporary ``DAGSTER_HOME`` (run and event
+storage in a fresh PostgreSQL database on the benchmark's server, as in production; the production
+``concurrency`` limits and ``run_retries``, ``FastQueuedRunCoordinator`` dequeuing every 0.5 s,
 ``run_launcher`` = ``WarmRunLauncher`` preloading ``pulse_exports.definitions``), and the product API
 (``pulse-exports serve``) launching through the webserver's GraphQL API. ``export_jobs_sensor`` is
 stopped before the daemon starts: the API launches every run (the sensor is only its fallback), and a
@@ -73,10 +74,12 @@ class StackFailed(RuntimeError):
     pass
 
 
-def instance_yaml() -> str:
-    """The repository's dagster.yaml for SQLite: its queue limits and retries, the warm launcher, 0.5 s dequeues."""
+def instance_yaml(storage_url: str | None = None) -> str:
+    """The repository's dagster.yaml: its queue limits and retries, the warm launcher, 0.5 s dequeues, and its
+    run/event storage in PostgreSQL at ``storage_url`` like production (SQLite under DAGSTER_HOME without)."""
     production = yaml.safe_load((REPO / "dagster.yaml").read_text())
     config = {
+        **({"storage": {"postgres": {"postgres_url": storage_url}}} if storage_url else {}),
         "telemetry": {"enabled": False},
         "run_coordinator": production["run_coordinator"],
         "run_launcher": WARM_LAUNCHER,
@@ -85,6 +88,35 @@ def instance_yaml() -> str:
         "run_monitoring": production["run_monitoring"],
     }
     return yaml.safe_dump(config, sort_keys=False)
+
+
+def _server_url(database_url: str, name: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(database_url)._replace(path=f"/{name}").geturl()
+
+
+def _create_database(database_url: str, name: str) -> str:
+    """A new, empty database ``name`` on ``database_url``'s server; its URL."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    # the driver dagster-postgres is written for (dagster.yaml's `scheme`): SQLAlchemy 2.1 would pick psycopg 3
+    return _server_url(database_url, name).replace("postgresql://", "postgresql+psycopg2://", 1)
+
+
+def _drop_database(database_url: str, name: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    try:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    except psycopg.Error:  # cleanup: the server may be gone already
+        pass
 
 
 class Service(ServiceProcess):
@@ -124,6 +156,7 @@ class WarmStack:
     _client: Any = None
     _instance: Any = None
     _workers: set[int] = field(default_factory=set, init=False)  # forked run workers seen (stopped on close)
+    _storage_db: str | None = None  # Dagster's run and event storage: a database of its own on the same server
 
     def start(self, timeout: float = 240) -> None:
         from pulse_exports.apikeys import ApiKeyStore
@@ -131,7 +164,8 @@ class WarmStack:
         from pulse_exports_tests.servers import _free_ports
 
         self.home = Path(tempfile.mkdtemp(prefix="pulse-bench-warm-"))
-        (self.home / "dagster.yaml").write_text(instance_yaml())
+        self._storage_db = f"pulse_bench_dagster_{self.home.name.rsplit('-', 1)[-1].lower()}"
+        (self.home / "dagster.yaml").write_text(instance_yaml(_create_database(self.database_url, self._storage_db)))
         (self.home / "workspace.yaml").write_text(_WORKSPACE_YAML)
         env = self._env()
         ui_port, api_port = _free_ports(2)
@@ -346,6 +380,9 @@ class WarmStack:
             except Exception:  # cleanup: the database may be gone already
                 pass
         shutil.rmtree(self.home, ignore_errors=True)
+        if self._storage_db is not None:
+            _drop_database(self.database_url, self._storage_db)
+            self._storage_db = None
 
 
 class WorkerMemory(threading.Thread):

@@ -308,6 +308,7 @@ def write_export_slices(
     max_rows: int | None = None,
     max_bytes: int | None = None,
     owns_export: Callable[[], bool] | None = None,
+    stagger_seconds: float = 1.0,
     **options: Any,
 ) -> ExportOutcome:
     """``write_export`` for an export split into consecutive slices, each streamed by its own thread.
@@ -316,6 +317,10 @@ def write_export_slices(
     export's row order; the outcome lists the parts in that order, indexed 0, 1, 2... Quotas count all
     slices together. When one slice fails the others stop at their next progress report, then the
     prefix is cleared once; the first real error (not another slice's ExportCancelled) is raised.
+
+    The other slices open their queries once the first slice has written its first batch (or after
+    ``stagger_seconds``): connectorx holds the GIL while it waits for a batch (sfu-db/connector-x#564),
+    so a slice waiting for its first rows would stall the first slice, and the export's first row.
     """
     started = time.monotonic()
     prefix = export_prefix(request.tenant_id, export_id)
@@ -325,6 +330,7 @@ def write_export_slices(
     lock = threading.Lock()
     rows_by_slice = [0] * len(open_readers)
     schemas: list[pa.Schema] = []
+    first_batch = threading.Event()  # the first slice wrote its first batch (or ended): the others start
 
     def progress_of(index: int) -> Callable[[int], bool]:
         def report(rows: int) -> bool:
@@ -338,8 +344,14 @@ def write_export_slices(
 
     def run(index: int) -> ExportOutcome:
         try:
+            if index > 0:
+                first_batch.wait(stagger_seconds)
+                if failed.is_set():
+                    raise ExportCancelled("another slice failed")
             reader = open_readers[index]()
             schemas.append(reader.schema)
+            if index == 0:
+                reader = _signalling_first_batch(reader, first_batch)
             return write_export(
                 reader,
                 export_id=export_id,
@@ -354,6 +366,7 @@ def write_export_slices(
             )
         except BaseException:
             failed.set()
+            first_batch.set()
             raise
 
     with ThreadPoolExecutor(len(open_readers), thread_name_prefix="pulse-slice") as pool:
@@ -380,6 +393,21 @@ def write_export_slices(
         bytes=sum(o.bytes for o in outcomes),
         seconds=time.monotonic() - started,
     )
+
+
+def _signalling_first_batch(reader: pa.RecordBatchReader, event: threading.Event) -> pa.RecordBatchReader:
+    """``reader``, setting ``event`` once its first batch is consumed (written and reported: the consumer
+    asks for the next one), or when it ends or fails before that."""
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        try:
+            for batch in reader:
+                yield batch
+                event.set()
+        finally:
+            event.set()
+
+    return pa.RecordBatchReader.from_batches(reader.schema, batches())
 
 
 class ConcurrentCheck:

@@ -85,6 +85,7 @@ def s3_storage_url(s3_bucket: str) -> str:
 from pulse_exports_tests.dagster_processes import (  # noqa: E402, F401
     api_process,
     dagster_services,
+    dagster_storage_url,
     module_database_url,
     module_storage_url,
 )

@@ -1,9 +1,11 @@
 """Real ``dagster-webserver`` + ``dagster-daemon`` (and the product API under uvicorn) as processes on
 loopback, for tests whose behaviour belongs to them: GraphQL launches, the run queue, termination.
 
-One set per test module: a seeded database and a bucket of its own, a temporary DAGSTER_HOME with
-SQLite storage, and a workspace loading the module ``pulse_exports.definitions`` as ``pulse_exports``. Each process
-runs in its own session, so teardown can kill the whole group (code servers and run workers too).
+One set per test module: a seeded database and a bucket of its own, a temporary DAGSTER_HOME whose run,
+event and schedule storage is the production ``storage:`` block of dagster.yaml (dagster-postgres, through
+``DAGSTER_PG_*``) on a database of its own, and a workspace loading the module ``pulse_exports.definitions``
+as ``pulse_exports``. Each process runs in its own session, so teardown can kill the whole group (code
+servers and run workers too).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,13 +36,14 @@ REPOSITORY = "__repository__"
 PRODUCTION_DAGSTER_YAML = Path(__file__).resolve().parents[1] / "dagster.yaml"
 
 
-def instance_yaml(overrides: dict[str, Any] | None = None) -> str:
-    """SQLite storage (Dagster's default), the production ``concurrency`` (global and per-tenant run limits)
-    and ``run_retries``, no telemetry, and its queue (FastQueuedRunCoordinator: a dequeue every 0.5 s, not
-    Dagster's 5 s).
-    ``overrides`` replace top-level keys (e.g. another ``run_launcher``)."""
+def instance_yaml(overrides: dict[str, Any] | None = None, *, production_storage: bool = False) -> str:
+    """The production ``concurrency`` (global and per-tenant run limits), ``run_retries`` and queue
+    (FastQueuedRunCoordinator: a dequeue every 0.5 s, not Dagster's 5 s), no telemetry; SQLite storage
+    (Dagster's default) unless ``production_storage``: then the production ``storage:`` block, which reads
+    ``DAGSTER_PG_*`` (see ``storage_env``). ``overrides`` replace top-level keys (e.g. ``run_launcher``)."""
     production = yaml.safe_load(PRODUCTION_DAGSTER_YAML.read_text())
     config = {
+        **({"storage": production["storage"]} if production_storage else {}),
         "telemetry": {"enabled": False},
         "run_coordinator": production["run_coordinator"],
         "concurrency": production["concurrency"],
@@ -134,6 +138,24 @@ class DagsterServices:
         assert not body.get("errors"), body["errors"]
         return dict(body["data"])
 
+    @contextmanager
+    def instance(self) -> Iterator[Any]:
+        """The services' Dagster instance, opened in this process (its storage config reads ``DAGSTER_PG_*``)."""
+        import dagster as dg
+        from dagster._core.instance.ref import InstanceRef
+
+        saved = {key: os.environ.get(key) for key in self.env if key.startswith("DAGSTER_PG_")}
+        os.environ.update({key: self.env[key] for key in saved})
+        try:
+            with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(self.home))) as opened:
+                yield opened
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
     def runs_for_export(self, export_id: str) -> list[dict[str, Any]]:
         tags = [{"key": "pulse/export_id", "value": export_id}]
         return list(self.graphql(_RUNS, {"tags": tags})["runsOrError"]["results"])
@@ -184,6 +206,33 @@ def dagster_env(home: Path, database_url: str, storage_url: str, s3: S3Endpoint)
     }
 
 
+def storage_env(database_url: str) -> dict[str, str]:
+    """``DAGSTER_PG_*`` for the production ``storage:`` block, naming ``database_url``'s database."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(database_url)
+    return {
+        "DAGSTER_PG_USER": url.username or "postgres",
+        "DAGSTER_PG_PASSWORD": url.password or "",
+        "DAGSTER_PG_HOST": url.hostname or "127.0.0.1",
+        "DAGSTER_PG_PORT": str(url.port or 5432),
+        "DAGSTER_PG_DB": url.path.lstrip("/"),
+    }
+
+
+@pytest.fixture(scope="module")
+def dagster_storage_url(pg_server_url: str) -> Iterator[str]:
+    """An empty database for Dagster's own run, event and schedule storage (the module's webserver and daemon)."""
+    from pulse_exports_tests.conftest import database_url
+
+    name = f"pulse_dg_{uuid.uuid4().hex}"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield database_url(pg_server_url, name)
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 def _dagster_bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
@@ -222,18 +271,22 @@ def dagster_services(
     module_database_url: str,
     module_storage_url: str,
     s3_endpoint: S3Endpoint,
+    dagster_storage_url: str,
 ) -> Iterator[DagsterServices]:
-    """dagster-webserver and dagster-daemon on loopback, sharing a temporary SQLite DAGSTER_HOME.
+    """dagster-webserver and dagster-daemon on loopback, sharing a temporary DAGSTER_HOME with the production
+    PostgreSQL storage (a database of the module's own).
 
     A test module may set ``STOPPED_SENSORS`` (sensor names): they are stopped before the daemon
-    starts, so they never tick (stopping them later races the daemon's own writes to SQLite).
+    starts, so they never tick (stopping them later races the daemon's first tick).
     ``DAGSTER_ENV`` (a dict) adds variables to the processes' environment, e.g. short heartbeats.
     ``DAGSTER_INSTANCE`` (a dict) replaces top-level keys of dagster.yaml, e.g. ``run_launcher``."""
     home = tmp_path_factory.mktemp("dagster_home")
-    (home / "dagster.yaml").write_text(instance_yaml(getattr(request.module, "DAGSTER_INSTANCE", None)))
+    overrides = getattr(request.module, "DAGSTER_INSTANCE", None)
+    (home / "dagster.yaml").write_text(instance_yaml(overrides, production_storage=True))
     (home / "workspace.yaml").write_text(_WORKSPACE_YAML)
     env = {
         **dagster_env(home, module_database_url, module_storage_url, s3_endpoint),
+        **storage_env(dagster_storage_url),
         **getattr(request.module, "DAGSTER_ENV", {}),
     }
     (port,) = _free_ports(1)

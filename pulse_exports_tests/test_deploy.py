@@ -446,6 +446,7 @@ def _chart_instance(values: dict[str, Any]) -> dict[str, Any]:
         "hostname": postgresql["postgresqlHost"],
         "db_name": postgresql["postgresqlDatabase"],
         "port": postgresql["service"]["port"],
+        **({"scheme": scheme} if (scheme := postgresql.get("postgresqlScheme")) else {}),
     }
     queued = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
     monitoring = values["dagsterDaemon"]["runMonitoring"]

@@ -107,8 +107,8 @@ TENANT = "tenant-003"
 
 @pytest.fixture(scope="module")
 def instance(dagster_services: DagsterServices) -> Iterator[dg.DagsterInstance]:
-    """The test's own view of the services' instance (SQLite in their DAGSTER_HOME)."""
-    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_services.home))) as test_instance:
+    """The test's own view of the services' instance (their dagster.yaml and PostgreSQL storage)."""
+    with dagster_services.instance() as test_instance:
         yield test_instance
 
 
