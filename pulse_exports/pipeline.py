@@ -27,7 +27,7 @@ from pulse_exports.quotas import QuotaExceeded
 from pulse_exports.storage import ExportStore, PartUpload
 
 MANIFEST_NAME = "manifest.json"
-DEFAULT_BATCH_ROWS = 65_536
+DEFAULT_BATCH_ROWS = 32_768
 DEFAULT_PART_MAX_ROWS = 5_000_000
 DEFAULT_PART_MAX_BYTES = 512 * 1024**2
 

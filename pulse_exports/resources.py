@@ -71,7 +71,9 @@ class ExportSettings(dg.ConfigurableResource):
 
     part_max_rows: int = 5_000_000
     part_max_bytes: int = 512 * 1024**2
-    batch_rows: int = 65_536
+    # rows per Arrow batch, shared by the slices of a sliced export (two slices read 16k each): what is in
+    # flight, so it bounds the run's memory; Parquet gathers batches into bigger row groups itself.
+    batch_rows: int = 32_768
     retention_hours: int = 7 * 24
     sensor_batch_size: int = 200
     heartbeat_interval_seconds: float = 15.0
