@@ -242,7 +242,7 @@ def targets(summary: list[dict[str, Any]], main_rows: int) -> list[tuple[str, st
         worst = max(r["first_row"][2] for r in pulse_main if "first_row" in r and BY_KEY[r["contender"]].kind == "warm")
         out.append(
             (
-                graphql + " (warm launcher, 1 s dequeue interval)",
+                graphql + " (warm launcher, 0.5 s dequeue interval)",
                 f"{first:.2f} s (file store, median of the warm contenders; slowest run of any warm contender "
                 f"{worst:.2f} s)",
                 verdict(first < 1),
@@ -288,7 +288,7 @@ def markdown(results: dict[str, Any], summary: list[dict[str, Any]], images: lis
             "`DefaultRunLauncher`: the benchmark inserts the job, ticks `export_jobs_sensor` itself and starts a "
             "new Python process for the run. **… API + warm launcher** is the product path with "
             "`WarmRunLauncher`: `POST /api/v1/exports` to a running `pulse-exports serve`, which launches the run "
-            "through `dagster-webserver`'s GraphQL API; `dagster-daemon` dequeues it (every 1 s) and forks the "
+            "through `dagster-webserver`'s GraphQL API; `dagster-daemon` dequeues it (every 0.5 s) and forks the "
             "run worker from its pre-imported zygote. Its clock is the POST to `COMPLETED` seen in `export_jobs` "
             "(polled every 20 ms); first row is the first progress report, written right after the first batch "
             "reached the part writer. Seconds from the POST, median (min–max):",

@@ -72,7 +72,7 @@ class ExportSettings(dg.ConfigurableResource):
     part_max_rows: int = 5_000_000
     part_max_bytes: int = 512 * 1024**2
     # rows per Arrow batch, shared by the slices of a sliced export (two slices read 16k each): what is in
-    # flight, so it bounds the run's memory; Parquet gathers batches into bigger row groups itself.
+    # flight, so it bounds the run's memory. A Parquet row group is one batch.
     batch_rows: int = 32_768
     retention_hours: int = 7 * 24
     sensor_batch_size: int = 200

@@ -316,26 +316,6 @@ def test_parquet_keeps_types_and_values_with_the_chosen_codec(tmp_path: Path, co
     assert frame["tags"].to_list() == TAGS
 
 
-def test_parquet_gathers_small_batches_into_row_groups(tmp_path: Path) -> None:
-    from pulse_exports.formats.parquet import ROW_GROUP_ROWS
-
-    schema = pa.schema([("n", pa.int64()), ("label", pa.string())])
-    total = 2 * ROW_GROUP_ROWS + 5_000
-    batches = [
-        pa.record_batch(
-            [pa.array(range(i, min(i + 16_384, total))), pa.array(["x"] * (min(i + 16_384, total) - i))], schema=schema
-        )
-        for i in range(0, total, 16_384)
-    ]
-    path, result = write_part(tmp_path, "parquet", "zstd", batches, schema=schema)
-
-    metadata = pq.ParquetFile(path).metadata
-    sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
-    assert sum(sizes) == result.rows == total
-    assert all(size >= ROW_GROUP_ROWS for size in sizes[:-1]) and len(sizes) == 3  # not one group per batch
-    assert pq.read_table(path).column("n").to_pylist() == list(range(total))
-
-
 # --- Every format -----------------------------------------------------------------------------------
 
 
@@ -406,9 +386,7 @@ def test_abort_removes_the_partial_file(tmp_path: Path, fmt: str, compression: s
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_bytes_written_grows_as_batches_are_written(tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Parquet counts a row group once it is written: here one per batch, as with big exports
-    monkeypatch.setattr("pulse_exports.formats.parquet.ROW_GROUP_ROWS", 2000)
+def test_bytes_written_grows_as_batches_are_written(tmp_path: Path, fmt: str) -> None:
     big = pa.table({name: values * 500 for name, values in COLUMNS.items()}, schema=SCHEMA)
     batches = big.to_batches(max_chunksize=2000)
     writer = open_part_writer(tmp_path / f"part.{fmt}", fmt, "none", SCHEMA)
