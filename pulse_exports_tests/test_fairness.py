@@ -4,7 +4,9 @@ tenant's export starts before that queue has drained."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.slow
 TENANT_A = "tenant-001"
 TENANT_B = "tenant-002"
 A_EXPORTS = 10
-BULK_ROWS = 100_000  # tenant A's telemetry grows by this much: each export runs for seconds, so runs overlap
+BULK_ROWS = 20_000  # tenant A's telemetry grows by this much, so each export has rows to count
 
 _RUNS = """
 query TenantRuns($tags: [ExecutionTag!]) {
@@ -73,33 +75,59 @@ def tenant_runs(services: DagsterServices, tenant: str) -> dict[str, dict[str, A
     return {r["runId"]: r for r in runs["results"]}
 
 
+@dataclass(frozen=True)
+class FairnessRun:
+    jobs: list[ExportJob]  # tenant A's ten, then tenant B's one, as they ended
+    held: dict[str, list[str]]  # tenant -> statuses of its runs while the source table was locked
+
+
 @pytest.fixture(scope="module")
-def finished_exports(dagster_services: DagsterServices) -> list[ExportJob]:
-    """Ten exports of tenant A, then one of tenant B, submitted as export_jobs rows (the sensor launches them),
-    run to the end by the daemon's queue."""
+def fairness_run(dagster_services: DagsterServices) -> FairnessRun:
+    """Ten exports of tenant A, then one of tenant B, submitted as export_jobs rows (the sensor launches them)
+    while the test holds a lock on ``telemetry``: every started run waits in its plan step, so what the queue
+    let start is seen without racing the runs' end. Then the lock goes and the queue runs them all."""
     url = dagster_services.database_url
     insert_telemetry(url, TENANT_A, BULK_ROWS)
     catalog, jobs = Catalog.load(), JobStore(url)
-    submitted = []
-    for tenant in [TENANT_A] * A_EXPORTS + [TENANT_B]:
-        request = catalog.validate(tenant_id=tenant, export_type="telemetry", format="csv")
-        job, created = jobs.create(request, created_by="fairness test")
-        assert created
-        submitted.append(job.id)
+    with psycopg.connect(url) as lock:
+        lock.execute("LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE")  # held until the rollback below
+        submitted = []
+        for tenant in [TENANT_A] * A_EXPORTS + [TENANT_B]:
+            request = catalog.validate(tenant_id=tenant, export_type="telemetry", format="csv")
+            job, created = jobs.create(request, created_by="fairness test")
+            assert created
+            submitted.append(job.id)
+
+        def statuses() -> dict[str, list[str]]:
+            return {
+                t: sorted(r["status"] for r in tenant_runs(dagster_services, t).values()) for t in (TENANT_A, TENANT_B)
+            }
+
+        def limit_reached() -> bool:
+            now = statuses()
+            return now[TENANT_A].count("STARTED") >= per_tenant_limit() and now[TENANT_B] == ["STARTED"]
+
+        wait_for("tenant A's first runs and tenant B's run to start", limit_reached, dagster_services.processes, 120)
+        time.sleep(3)  # six dequeue intervals: time for a run over the limit to start, if the queue let it
+        held = statuses()
+        lock.rollback()
 
     def all_ended() -> list[ExportJob] | None:
         rows = [jobs.get(export_id) for export_id in submitted]
         return rows if all(r is not None and r.status in TERMINAL for r in rows) else None  # type: ignore[return-value]
 
-    return wait_for("every export to end", all_ended, dagster_services.processes, 300, 1)
+    return FairnessRun(wait_for("every export to end", all_ended, dagster_services.processes, 300, 1), held)
 
 
 def test_tenant_a_never_runs_more_than_its_limit_at_once(
-    dagster_services: DagsterServices, finished_exports: list[ExportJob]
+    dagster_services: DagsterServices, fairness_run: FairnessRun
 ) -> None:
     limit = per_tenant_limit()
     assert limit == 2
-    a_jobs = [j for j in finished_exports if j.tenant_id == TENANT_A]
+    # While the runs were held, the queue started exactly `limit` of A's and kept the rest queued.
+    held_a = fairness_run.held[TENANT_A]
+    assert held_a == ["QUEUED"] * (A_EXPORTS - limit) + ["STARTED"] * limit, held_a
+    a_jobs = [j for j in fairness_run.jobs if j.tenant_id == TENANT_A]
     assert [(j.status, j.attempts) for j in a_jobs] == [("COMPLETED", 1)] * A_EXPORTS, [j.error for j in a_jobs]
     with psycopg.connect(dagster_services.database_url) as conn:
         row = conn.execute("SELECT count(*) FROM telemetry WHERE tenant_id = %s", (TENANT_A,)).fetchone()
@@ -113,14 +141,14 @@ def test_tenant_a_never_runs_more_than_its_limit_at_once(
     # The jobs' own claim-to-completion times, on the database clock, lie inside their runs.
     job_overlap = max_overlap((j.started_at.timestamp(), j.completed_at.timestamp()) for j in a_jobs)  # type: ignore[union-attr]
     print(f"tenant A: at most {run_overlap} runs and {job_overlap} exports at once")
-    assert run_overlap == limit  # the limit was reached (so exceeding it would show) and never exceeded
-    assert job_overlap <= limit
+    assert run_overlap <= limit and job_overlap <= limit  # nor later, once the runs could end
 
 
 def test_tenant_b_starts_before_tenant_a_queue_drains(
-    dagster_services: DagsterServices, finished_exports: list[ExportJob]
+    dagster_services: DagsterServices, fairness_run: FairnessRun
 ) -> None:
-    *a_jobs, b_job = finished_exports
+    assert fairness_run.held[TENANT_B] == ["STARTED"]  # started while eight of A's were still queued
+    *a_jobs, b_job = fairness_run.jobs
     assert b_job.tenant_id == TENANT_B and b_job.status == "COMPLETED", b_job.error
     assert b_job.created_at > max(j.created_at for j in a_jobs)  # submitted behind all ten
     assert b_job.started_at is not None and b_job.started_at < max(j.started_at for j in a_jobs)  # type: ignore[type-var]
