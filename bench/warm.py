@@ -4,7 +4,8 @@ A ``WarmStack`` is one deployment on loopback, started once per (database, store
 benchmark: ``dagster-webserver`` and ``dagster-daemon`` over a temporary ``DAGSTER_HOME`` (run and event
 storage in a fresh PostgreSQL database on the benchmark's server, as in production; the production
 ``concurrency`` limits and ``run_retries``, ``FastQueuedRunCoordinator`` dequeuing every 0.5 s,
-``run_launcher`` = ``WarmRunLauncher`` preloading ``pulse_exports.definitions``), and the product API
+``run_launcher`` = ``WarmRunLauncher`` preloading ``pulse_exports.definitions`` and botocore's S3
+models), and the product API
 (``pulse-exports serve``) launching through the webserver's GraphQL API. ``export_jobs_sensor`` is
 stopped before the daemon starts: the API launches every run (the sensor is only its fallback), and a
 live sensor would race the in-process ticks of the sensor-model contenders for their rows.
@@ -41,7 +42,7 @@ WARMUP_ROWS = 1_000
 WARM_LAUNCHER = {
     "module": "pulse_exports.warm_launcher",
     "class": "WarmRunLauncher",
-    "config": {"preload": ["pulse_exports.definitions", "boto3"]},
+    "config": {"preload": ["pulse_exports.definitions", "pulse_exports.storage:preload_s3"]},
 }
 
 _WORKSPACE_YAML = f"""\

@@ -21,11 +21,14 @@ coordinator) has the code location's Python environment and code, and its run wo
 it: the single image of our Dockerfile / docker-compose and ``make up``. Runs then execute in the
 daemon's container, not the code server's. Linux (``/proc``) for the worker's start time; the zygote
 stays single-threaded, so ``preload`` modules must not start threads or open connections on import.
+A ``preload`` entry ``module:function`` also calls that function, with no arguments, once the module
+is imported (``pulse_exports.storage:preload_s3`` parses botocore's S3 models, which every S3 run's
+client would otherwise read again); the same rules hold for it.
 
     run_launcher:
       module: pulse_exports.warm_launcher
       class: WarmRunLauncher
-      config: {preload: ["pulse_exports.definitions"]}
+      config: {preload: ["pulse_exports.definitions", "pulse_exports.storage:preload_s3"]}
 """
 
 from __future__ import annotations
@@ -158,7 +161,10 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
                 Array(str),
                 is_required=False,
                 default_value=[],
-                description="Modules the zygote imports once (e.g. the code location's definitions module).",
+                description=(
+                    "Modules the zygote imports once (e.g. the code location's definitions module); "
+                    "`module:function` also calls that function once after the import."
+                ),
             ),
             "start_timeout_seconds": Field(
                 float, is_required=False, default_value=120.0, description="How long the zygote may take to import."
@@ -417,12 +423,15 @@ def _preload(modules: Sequence[str], instance_ref: str) -> dict[str, float]:
     for data in ref:  # the storage, compute log manager, coordinator... classes the instance will load
         if isinstance(data, ConfigurableClassData):
             importlib.import_module(data.module_name)
-    for name in modules:
+    for entry in modules:
+        name, _, function = entry.partition(":")
         module = importlib.import_module(name)
+        if function:
+            getattr(module, function)()
         for value in vars(module).values():
             if isinstance(value, Definitions):
                 value.get_repository_def()  # cached on the object: each child skips building it
-    packages = tuple({name.split(".")[0] for name in modules})
+    packages = tuple({entry.split(".")[0].split(":")[0] for entry in modules})
     files = [
         module.__file__
         for name, module in list(sys.modules.items())

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
-from pulse_exports.storage import ExportStore, LocalExportStore, MiB, S3ExportStore, store_from_url
+from pulse_exports.storage import ExportStore, LocalExportStore, MiB, S3ExportStore, preload_s3, store_from_url
 from pulse_exports_tests.servers import S3Endpoint
 
 
@@ -373,6 +374,24 @@ def test_s3_endpoint_and_credentials_fall_back_to_the_environment(
     store = store_from_url(s3_storage_url)
     store.put_bytes("t/e/part", b"via env")
     assert store.get_bytes("t/e/part") == b"via env"
+
+
+def test_stores_in_one_process_share_botocore_models_but_keep_their_own_credentials(
+    s3_endpoint: S3Endpoint, s3_storage_url: str
+) -> None:
+    preload_s3()  # what WarmRunLauncher's zygote runs: parsed models, no connection
+    good = s3_store_from_url(s3_storage_url, s3_endpoint)
+    wrong = store_from_url(
+        s3_storage_url,
+        endpoint_url=s3_endpoint.url,
+        access_key_id=s3_endpoint.access_key_id,
+        secret_access_key="not-the-secret",
+        region_name=s3_endpoint.region_name,
+    )
+    good.put_bytes("t/e/shared", b"ok")
+    with pytest.raises(ClientError, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
+        wrong.get_bytes("t/e/shared")
+    assert good.get_bytes("t/e/shared") == b"ok"  # the refused store changed nothing for the other
 
 
 def test_store_repr_shows_the_location_but_never_the_secret(s3_endpoint: S3Endpoint, s3_storage_url: str) -> None:

@@ -37,7 +37,7 @@ from .test_export_job import read_rows, source_telemetry
 WARM_LAUNCHER = {
     "module": "pulse_exports.warm_launcher",
     "class": "WarmRunLauncher",
-    "config": {"preload": ["pulse_exports.definitions"]},
+    "config": {"preload": ["pulse_exports.definitions", "pulse_exports.storage:preload_s3"]},
 }
 # The production dagster.yaml with the warm launcher, and run monitoring polling every 2 s instead of 60.
 DAGSTER_INSTANCE = {
@@ -56,7 +56,7 @@ def test_the_dagster_yaml_snippet_is_a_valid_instance_config(tmp_path: Path) -> 
     (tmp_path / "dagster.yaml").write_text(yaml.safe_dump({"run_launcher": WARM_LAUNCHER}))
     ref = InstanceRef.from_dir(str(tmp_path))  # raises DagsterInvalidConfigError on a schema error
     launcher = ref.run_launcher_data.rehydrate(as_type=WarmRunLauncher)
-    assert launcher.preload == ["pulse_exports.definitions"] and launcher.supports_check_run_worker_health
+    assert launcher.preload == WARM_LAUNCHER["config"]["preload"] and launcher.supports_check_run_worker_health
     assert not launcher.supports_resume_run  # so dagster.yaml's max_resume_run_attempts: 0 stays right
 
     (tmp_path / "dagster.yaml").write_text(yaml.safe_dump({"run_launcher": {**WARM_LAUNCHER, "config": {"x": 1}}}))
@@ -67,7 +67,8 @@ def test_the_dagster_yaml_snippet_is_a_valid_instance_config(tmp_path: Path) -> 
 def test_zygote_refuses_threads_and_exits_when_its_preloaded_code_changes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "warm_probe_plain.py").write_text("VALUE = 1\n")
+    marker = tmp_path / "warmed"
+    (tmp_path / "warm_probe_plain.py").write_text(f"def warm():\n    open({str(marker)!r}, 'w').write('1')\n")
     (tmp_path / "warm_probe_threads.py").write_text(
         "import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
     )
@@ -84,9 +85,10 @@ def test_zygote_refuses_threads_and_exits_when_its_preloaded_code_changes(
     finally:
         threaded.close()
 
-    zygote = _ZygoteClient.start(["warm_probe_plain"], ref)
+    zygote = _ZygoteClient.start(["warm_probe_plain:warm"], ref)
     try:
         assert zygote.ready(timeout=60) > 0
+        assert marker.read_text() == "1"  # `module:function` called the function once imported
         module = tmp_path / "warm_probe_plain.py"
         os.utime(module, (time.time() + 5, time.time() + 5))
         assert zygote.request({"run_id": "never-forked"}, timeout=30) == {"stale": str(module)}
