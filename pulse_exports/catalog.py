@@ -430,9 +430,12 @@ class Catalog:
                 names.append(key)
             if sampled and not request.filters.get("metric_names"):
                 source, metrics, rows_where = self._exported_rows(etype, request, where)
+                # Listing each row's keys costs ~0.5 s per 2M rows here; `(metrics - keys) <> '{}'`
+                # builds a new jsonb per row and cost ~0.9 s, on cores the export's own backends need.
                 unplanned_keys = sql.SQL(
-                    "SELECT EXISTS (SELECT 1 FROM {} WHERE {} AND ({} - {}::text[]) <> '{{}}'::jsonb)"
-                ).format(source, rows_where, metrics, sql.Literal(sorted(key for key, _ in kinds)))
+                    "SELECT EXISTS (SELECT 1 FROM {}, jsonb_object_keys({}) AS k(key)"
+                    " WHERE {} AND k.key <> ALL({}::text[]))"
+                ).format(source, metrics, rows_where, sql.Literal(sorted(key for key, _ in kinds)))
 
         def select(condition: sql.Composable) -> sql.Composable:
             query = sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {}").format(
