@@ -161,7 +161,15 @@ class Environment:
                 self._close_stack(key)
                 raise ContenderFailed(f"the warm stack did not start: {exc}") from exc
             print(f"started in {time.monotonic() - started:.0f} s", flush=True)
+        self._warm[key].resume()
         return self._warm[key]
+
+    def pause_stacks(self, keep: tuple[str, str] | None = None) -> None:
+        """Pause every warm stack but ``keep`` (database, store): the contender measured next runs beside
+        its own deployment only, never beside the other store's idle one."""
+        for key, stack in self._warm.items():
+            if key != keep:
+                stack.pause()
 
     def _close_stack(self, key: tuple[str, str]) -> None:
         stack = self._warm.pop(key)
@@ -186,6 +194,7 @@ class ContenderFailed(RuntimeError):
 
 def measure(contender: Contender, target: Target, env: Environment) -> dict[str, Any]:
     """Run the contender once on the target's rows; returns one result record."""
+    env.pause_stacks((target.database_url, contender.storage) if contender.kind == "warm" else None)
     if contender.kind == "psql":
         record = _measure_psql(target, env)
     elif contender.kind == "naive":

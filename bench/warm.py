@@ -5,7 +5,8 @@ benchmark: ``dagster-webserver`` and ``dagster-daemon`` over a temporary ``DAGST
 storage in a fresh PostgreSQL database on the benchmark's server, as in production; the production
 ``concurrency`` limits and ``run_retries``, ``FastQueuedRunCoordinator`` dequeuing every 0.5 s,
 ``run_launcher`` = ``WarmRunLauncher`` preloading ``pulse_exports.definitions`` and botocore's S3
-models), and the product API
+models), one ``dagster code-server`` serving the code location to both, as docker-compose does, and the
+product API
 (``pulse-exports serve``) launching through the webserver's GraphQL API. ``export_jobs_sensor`` is
 stopped before the daemon starts: the API launches every run (the sensor is only its fallback), and a
 live sensor would race the in-process ticks of the sensor-model contenders for their rows.
@@ -45,12 +46,18 @@ WARM_LAUNCHER = {
     "config": {"preload": ["pulse_exports.definitions", "pulse_exports.storage:preload_s3"]},
 }
 
-_WORKSPACE_YAML = f"""\
+
+def workspace_yaml(port: int) -> str:
+    """The code location served by the stack's own code server, as docker-compose's workspace does."""
+    return f"""\
 load_from:
-  - python_module:
-      module_name: pulse_exports.definitions
+  - grpc_server:
+      host: 127.0.0.1
+      port: {port}
       location_name: {LOCATION}
 """
+
+
 _REPOSITORIES = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }"
 _DAEMONS = "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy } } } }"
 _SENSOR = """
@@ -95,6 +102,16 @@ def _server_url(database_url: str, name: str) -> str:
     from urllib.parse import urlsplit
 
     return urlsplit(database_url)._replace(path=f"/{name}").geturl()
+
+
+def _code_server_ready(port: int) -> bool:
+    """Whether the code server on ``port`` answers with the code location's repositories."""
+    from dagster._grpc.client import DagsterGrpcClient
+
+    try:
+        return REPOSITORY in DagsterGrpcClient(port=port, host="127.0.0.1").list_repositories()
+    except Exception:  # not listening yet, or still importing the definitions
+        return False
 
 
 def _create_database(database_url: str, name: str) -> str:
@@ -153,6 +170,7 @@ class WarmStack:
     api_url: str = ""
     graphql_url: str = ""
     warmed: bool = False
+    paused: bool = False
     _key_id: str | None = None
     _client: Any = None
     _instance: Any = None
@@ -167,13 +185,23 @@ class WarmStack:
         self.home = Path(tempfile.mkdtemp(prefix="pulse-bench-warm-"))
         self._storage_db = f"pulse_bench_dagster_{self.home.name.rsplit('-', 1)[-1].lower()}"
         (self.home / "dagster.yaml").write_text(instance_yaml(_create_database(self.database_url, self._storage_db)))
-        (self.home / "workspace.yaml").write_text(_WORKSPACE_YAML)
         env = self._env()
-        ui_port, api_port = _free_ports(2)
+        ui_port, api_port, code_port = _free_ports(3)
+        (self.home / "workspace.yaml").write_text(workspace_yaml(code_port))
         ui_url, self.api_url = f"http://127.0.0.1:{ui_port}", f"http://127.0.0.1:{api_port}"
         self.graphql_url = f"{ui_url}/graphql"
         bin_dir = Path(sys.executable).parent
         code = ["-w", str(self.home / "workspace.yaml")]
+        # One code server for the webserver and the daemon, as in production. With a python_module
+        # workspace the daemon reloads every 60 s by starting a new code server, which imports the
+        # definitions again (~2 s of CPU a minute, taken from whichever contender is running).
+        code_server = Service(
+            "dagster-code-server",
+            [str(bin_dir / "dagster"), "code-server", "start", "-h", "127.0.0.1", "-p", str(code_port)]
+            + ["-m", "pulse_exports.definitions", "--location-name", LOCATION],
+            env,
+            self.home,
+        )
         webserver = Service(
             "dagster-webserver",
             [str(bin_dir / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(ui_port), *code],
@@ -184,6 +212,8 @@ class WarmStack:
         api_env = {**env, "PULSE_DAGSTER_GRAPHQL_URL": self.graphql_url, "PULSE_DAGSTER_UI_URL": ui_url}
         serve = [sys.executable, "-m", "pulse_exports.cli", "serve", "--host", "127.0.0.1", "--port", str(api_port)]
         api = Service("pulse-exports-serve", serve, api_env, self.home)
+        self.services.append(code_server.start())
+        self._wait("the code server to load the definitions", lambda: _code_server_ready(code_port), timeout)
         # The webserver first: both would create the SQLite storage at once and race on its migrations.
         self.services.append(webserver.start())
         self._wait("the webserver to load the code location", self._location_loaded, timeout)
@@ -355,12 +385,43 @@ class WarmStack:
             time.sleep(POLL_SECONDS)
         raise StackFailed(f"export {export_id} not COMPLETED after {timeout}s\n{self.logs()}")
 
+    def pause(self) -> None:
+        """SIGSTOP the webserver, the daemon (its zygote too) and the API while a contender that does not
+        use this stack is measured: one deployment runs at a time, as in production. The code server
+        stays up: it is idle between requests, and its own child would miss its heartbeats."""
+        if not self.paused:
+            self._signal_services(signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            self._signal_services(signal.SIGCONT)
+            self.paused = False
+
+    def _signal_services(self, signum: int) -> None:
+        import psutil
+
+        for service in self.services:
+            if service.name == "dagster-code-server" or service.process is None:
+                continue
+            try:
+                root = psutil.Process(service.process.pid)
+                processes = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for process in processes:
+                try:
+                    process.send_signal(signum)
+                except psutil.Error:
+                    pass
+
     def close(self) -> None:
         """Stop the API, the daemon (its zygote exits with it) and the webserver, then any run worker left."""
         import shutil
 
         from pulse_exports.warm_launcher import process_start
 
+        self.resume()  # a stopped process would leave SIGTERM pending until the stop's SIGKILL
         if self._client is not None:
             self._client.close()
             self._client = None
