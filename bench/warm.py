@@ -393,10 +393,13 @@ class WarmStack:
             self._signal_services(signal.SIGSTOP)
             self.paused = True
 
-    def resume(self) -> None:
-        if self.paused:
-            self._signal_services(signal.SIGCONT)
-            self.paused = False
+    def resume(self) -> bool:
+        """SIGCONT what ``pause`` stopped; whether it was paused."""
+        if not self.paused:
+            return False
+        self._signal_services(signal.SIGCONT)
+        self.paused = False
+        return True
 
     def _signal_services(self, signum: int) -> None:
         import psutil
