@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import yaml
-from psycopg import sql
 
 from pulse_exports.processes import ServiceProcess
 from pulse_exports_tests.servers import S3Endpoint, _free_ports
@@ -223,14 +221,10 @@ def storage_env(database_url: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def dagster_storage_url(pg_server_url: str) -> Iterator[str]:
     """An empty database for Dagster's own run, event and schedule storage (the module's webserver and daemon)."""
-    from pulse_exports_tests.conftest import database_url
+    from pulse_exports_tests.conftest import temporary_database
 
-    name = f"pulse_dg_{uuid.uuid4().hex}"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield database_url(pg_server_url, name)
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with temporary_database(pg_server_url, "pulse_dg_") as url:
+        yield url
 
 
 def _dagster_bin(name: str) -> str:
@@ -240,16 +234,10 @@ def _dagster_bin(name: str) -> str:
 @pytest.fixture(scope="module")
 def module_database_url(pg_server_url: str, seeded_template: str) -> Iterator[str]:
     """A seeded database for the whole module: the Dagster processes are started once for it."""
-    from pulse_exports_tests.conftest import database_url
+    from pulse_exports_tests.conftest import temporary_database
 
-    name = f"pulse_m_{uuid.uuid4().hex}"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(seeded_template))
-        )
-    yield database_url(pg_server_url, name)
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with temporary_database(pg_server_url, "pulse_m_", template=seeded_template) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

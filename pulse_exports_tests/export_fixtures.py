@@ -3,14 +3,12 @@ and the ExportHarness that ties them to a real S3 bucket."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dagster as dg
-import psycopg
 import pytest
-from psycopg import sql
 
 from pulse_exports import migrations
 from pulse_exports.resources import ExportStorage
@@ -22,36 +20,23 @@ from pulse_exports_tests.servers import S3Endpoint
 SEED = {"tenants": 3, "devices": 60, "telemetry_rows": 6000}
 
 
-def _database_url(server_url: str, name: str) -> str:
-    from pulse_exports_tests.conftest import database_url
-
-    return database_url(server_url, name)
-
-
 @pytest.fixture(scope="session")
 def seeded_template(pg_server_url: str) -> Iterator[str]:
     """A database migrated and seeded once per session, cloned by each test that needs data."""
-    name = f"pulse_tpl_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = _database_url(pg_server_url, name)
-    migrations.upgrade(url)
-    seed_demo(url, **SEED)
-    yield name
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    from pulse_exports_tests.conftest import temporary_database
+
+    with temporary_database(pg_server_url, "pulse_tpl_") as url:
+        migrations.upgrade(url)
+        seed_demo(url, **SEED)
+        yield urlsplit(url).path.lstrip("/")
 
 
 @pytest.fixture
 def seeded_database_url(pg_server_url: str, seeded_template: str) -> Iterator[str]:
-    name = f"pulse_t_{uuid.uuid4().hex}"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(seeded_template))
-        )
-    yield _database_url(pg_server_url, name)
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    from pulse_exports_tests.conftest import temporary_database
+
+    with temporary_database(pg_server_url, "pulse_t_", template=seeded_template) as url:
+        yield url
 
 
 # In-process runs capture their compute logs with `tail -F` subprocesses, and on a loaded machine

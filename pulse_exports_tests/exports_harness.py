@@ -23,11 +23,37 @@ class InjectedStorageFault(ConnectionError):
     """Raised by FaultyStore: the storage 'goes away' after a number of uploads."""
 
 
-class FaultyStore:
+class WrappedStore:
+    """A real store whose begun uploads finish through ``finish_upload`` (a fault to inject there);
+    everything else is the inner store's."""
+
+    def __init__(self, inner: ExportStore) -> None:
+        self._inner = inner
+
+    def begin_upload(self, key: str, path: Path, content_type: str | None = None) -> PartUpload:
+        upload, store = self._inner.begin_upload(key, path, content_type=content_type), self
+
+        class Wrapped:
+            def finish(self) -> None:
+                store.finish_upload(key, upload)
+
+            def abort(self) -> None:
+                upload.abort()
+
+        return Wrapped()
+
+    def finish_upload(self, key: str, upload: PartUpload) -> None:
+        upload.finish()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class FaultyStore(WrappedStore):
     """A real store whose uploads (put_file, begun uploads) start failing after ``fail_after`` succeeded."""
 
     def __init__(self, inner: ExportStore, fail_after: int) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._left = fail_after
 
     def _spend(self) -> None:
@@ -39,26 +65,13 @@ class FaultyStore:
         self._spend()
         self._inner.put_file(key, path, content_type=content_type)
 
-    def begin_upload(self, key: str, path: Path, content_type: str | None = None) -> PartUpload:
-        inner = self._inner.begin_upload(key, path, content_type=content_type)
-        store = self
-
-        class Faulty:
-            def finish(self) -> None:
-                try:
-                    store._spend()
-                except InjectedStorageFault:
-                    inner.abort()
-                    raise
-                inner.finish()
-
-            def abort(self) -> None:
-                inner.abort()
-
-        return Faulty()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+    def finish_upload(self, key: str, upload: PartUpload) -> None:
+        try:
+            self._spend()
+        except InjectedStorageFault:
+            upload.abort()
+            raise
+        upload.finish()
 
 
 class FaultyExportStorage(ExportStorage):
@@ -68,27 +81,12 @@ class FaultyExportStorage(ExportStorage):
         return FaultyStore(super().get_store(), self.fail_after)  # type: ignore[return-value]
 
 
-class OverwritingStore:
+class OverwritingStore(WrappedStore):
     """A real store where, right after each part is published, "another run" writes that key again."""
 
-    def __init__(self, inner: ExportStore) -> None:
-        self._inner = inner
-
-    def begin_upload(self, key: str, path: Path, content_type: str | None = None) -> PartUpload:
-        inner, store = self._inner.begin_upload(key, path, content_type=content_type), self._inner
-
-        class Overwritten:
-            def finish(self) -> None:
-                inner.finish()
-                store.put_bytes(key, b"another run's part")
-
-            def abort(self) -> None:
-                inner.abort()
-
-        return Overwritten()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+    def finish_upload(self, key: str, upload: PartUpload) -> None:
+        upload.finish()
+        self._inner.put_bytes(key, b"another run's part")
 
 
 class OverwritingExportStorage(ExportStorage):
