@@ -36,6 +36,7 @@ from pulse_exports.processes import ServiceProcess, signal_group
 
 REPO = Path(__file__).resolve().parent.parent
 LOCATION = "pulse_exports"
+CODE_SERVER = "dagster-code-server"  # the service pause() leaves running
 REPOSITORY = "__repository__"
 KEY_NAME = "pulse bench"  # the API keys the stacks make; _prepare_database deletes their exports
 POLL_SECONDS = 0.02
@@ -98,12 +99,6 @@ def instance_yaml(storage_url: str | None = None) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def _server_url(database_url: str, name: str) -> str:
-    from urllib.parse import urlsplit
-
-    return urlsplit(database_url)._replace(path=f"/{name}").geturl()
-
-
 def _code_server_ready(port: int) -> bool:
     """Whether the code server on ``port`` answers with the code location's repositories."""
     from dagster._grpc.client import DagsterGrpcClient
@@ -114,16 +109,12 @@ def _code_server_ready(port: int) -> bool:
         return False
 
 
-def _create_database(database_url: str, name: str) -> str:
-    """A new, empty database ``name`` on ``database_url``'s server; its URL."""
-    import psycopg
-    from psycopg import sql
+def _storage_database(database_url: str, name: str) -> str:
+    """A new database ``name`` on ``database_url``'s server for Dagster's storage; its SQLAlchemy URL."""
+    from pulse_exports.demo import ensure_database
 
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     # the driver dagster-postgres is written for (dagster.yaml's `scheme`): SQLAlchemy 2.1 would pick psycopg 3
-    return _server_url(database_url, name).replace("postgresql://", "postgresql+psycopg2://", 1)
+    return ensure_database(database_url, name).replace("postgresql://", "postgresql+psycopg2://", 1)
 
 
 def _drop_database(database_url: str, name: str) -> None:
@@ -184,7 +175,7 @@ class WarmStack:
 
         self.home = Path(tempfile.mkdtemp(prefix="pulse-bench-warm-"))
         self._storage_db = f"pulse_bench_dagster_{self.home.name.rsplit('-', 1)[-1].lower()}"
-        (self.home / "dagster.yaml").write_text(instance_yaml(_create_database(self.database_url, self._storage_db)))
+        (self.home / "dagster.yaml").write_text(instance_yaml(_storage_database(self.database_url, self._storage_db)))
         env = self._env()
         ui_port, api_port, code_port = _free_ports(3)
         (self.home / "workspace.yaml").write_text(workspace_yaml(code_port))
@@ -196,7 +187,7 @@ class WarmStack:
         # workspace the daemon reloads every 60 s by starting a new code server, which imports the
         # definitions again (~2 s of CPU a minute, taken from whichever contender is running).
         code_server = Service(
-            "dagster-code-server",
+            CODE_SERVER,
             [str(bin_dir / "dagster"), "code-server", "start", "-h", "127.0.0.1", "-p", str(code_port)]
             + ["-m", "pulse_exports.definitions", "--location-name", LOCATION],
             env,
@@ -214,7 +205,7 @@ class WarmStack:
         api = Service("pulse-exports-serve", serve, api_env, self.home)
         self.services.append(code_server.start())
         self._wait("the code server to load the definitions", lambda: _code_server_ready(code_port), timeout)
-        # The webserver first: both would create the SQLite storage at once and race on its migrations.
+        # The webserver first: both would create Dagster's storage tables at once and race on its migrations.
         self.services.append(webserver.start())
         self._wait("the webserver to load the code location", self._location_loaded, timeout)
         self._stop_sensor("export_jobs_sensor")  # before the daemon starts, so it never ticks
@@ -405,7 +396,7 @@ class WarmStack:
         import psutil
 
         for service in self.services:
-            if service.name == "dagster-code-server" or service.process is None:
+            if service.name == CODE_SERVER or service.process is None:
                 continue
             try:
                 root = psutil.Process(service.process.pid)

@@ -423,15 +423,17 @@ def _preload(modules: Sequence[str], instance_ref: str) -> dict[str, float]:
     for data in ref:  # the storage, compute log manager, coordinator... classes the instance will load
         if isinstance(data, ConfigurableClassData):
             importlib.import_module(data.module_name)
+    names = []
     for entry in modules:
         name, _, function = entry.partition(":")
+        names.append(name)
         module = importlib.import_module(name)
         if function:
             getattr(module, function)()
         for value in vars(module).values():
             if isinstance(value, Definitions):
                 value.get_repository_def()  # cached on the object: each child skips building it
-    packages = tuple({entry.split(".")[0].split(":")[0] for entry in modules})
+    packages = tuple({name.split(".")[0] for name in names})
     files = [
         module.__file__
         for name, module in list(sys.modules.items())
