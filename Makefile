@@ -24,7 +24,7 @@ install-test: $(BIN)/python
 demo: install
 	$(BIN)/pulse-exports demo
 
-## The whole system on loopback until Ctrl-C: Dagster UI + daemon (dagster dev) and the product API.
+## The whole system on loopback until Ctrl-C: Dagster code server, UI and daemon, and the product API.
 up: install
 	$(BIN)/pulse-exports dev
 

@@ -33,6 +33,7 @@ class Contender:
     format: str = "csv"
     compression: str | None = None
     storage: str = "file"  # file | s3
+    submit: str = "api"  # warm contenders: POST to the API (GraphQL launch), or an export_jobs row for the sensor
 
 
 PSQL = Contender("psql", "psql \\copy CSV", "psql")
@@ -57,7 +58,16 @@ WARM = [
         ("parquet", "Parquet (zstd)", ("parquet", "zstd", storage)),
     )
 ]
-ALL = [PSQL, NAIVE, *PULSE, *WARM]
+# The same, submitted as a bare export_jobs row (any producer may insert one): the daemon's export_jobs_sensor
+# (`pulse-exports daemon`: sensor loop 0.5 s, the sensor's interval 1 s) queues the run.
+WARM_SENSOR = [
+    Contender(f"pulse-warm-sensor-{name}-file", f"pulse_exports {label} -> file, sensor + warm launcher", "warm", *spec)
+    for name, label, spec in (
+        ("csv", "CSV", ("csv", "none", "file", "sensor")),
+        ("parquet", "Parquet (zstd)", ("parquet", "zstd", "file", "sensor")),
+    )
+]
+ALL = [PSQL, NAIVE, *PULSE, *WARM, *WARM_SENSOR]
 BY_KEY = {c.key: c for c in ALL}
 
 
@@ -194,6 +204,10 @@ class Environment:
 RESUME_SETTLE_SECONDS = 2.0
 
 
+# A started sensor first ticks within a loop (0.5 s); the submit then lands at a random point of its 1 s interval.
+SENSOR_SETTLE_SECONDS = 1.5
+
+
 class ContenderFailed(RuntimeError):
     pass
 
@@ -322,7 +336,15 @@ def _measure_warm(contender: Contender, target: Target, env: Environment) -> dic
 
     stack = env.warm_stack(target.database_url, contender.storage)
     try:
-        record = stack.export(contender.format, contender.compression, target.row_limit)
+        if contender.submit == "sensor":
+            stack.start_sensor()
+            time.sleep(SENSOR_SETTLE_SECONDS)
+            try:
+                record = stack.export(contender.format, contender.compression, target.row_limit, via="sensor")
+            finally:
+                stack.stop_sensor()
+        else:
+            record = stack.export(contender.format, contender.compression, target.row_limit)
     except StackFailed as exc:
         raise ContenderFailed(f"{contender.key}: {exc}") from exc
     store = env.store(contender.storage)

@@ -32,12 +32,14 @@ import httpx
 import yaml
 
 from bench.measure import vm_hwm
+from pulse_exports.devstack import LOCATION_NAME as LOCATION
+from pulse_exports.devstack import code_server_ready, dagster_commands, grpc_workspace
 from pulse_exports.processes import ServiceProcess, signal_group
 
 REPO = Path(__file__).resolve().parent.parent
-LOCATION = "pulse_exports"
-CODE_SERVER = "dagster-code-server"  # the service pause() leaves running
+CODE_SERVER = "dagster-code-server"  # the service pause() leaves running (devstack.dagster_commands names it)
 REPOSITORY = "__repository__"
+SENSOR = "export_jobs_sensor"
 KEY_NAME = "pulse bench"  # the API keys the stacks make; _prepare_database deletes their exports
 POLL_SECONDS = 0.02
 WARMUP_ROWS = 1_000
@@ -48,23 +50,18 @@ WARM_LAUNCHER = {
 }
 
 
-def workspace_yaml(port: int) -> str:
-    """The code location served by the stack's own code server, as docker-compose's workspace does."""
-    return f"""\
-load_from:
-  - grpc_server:
-      host: 127.0.0.1
-      port: {port}
-      location_name: {LOCATION}
-"""
-
-
 _REPOSITORIES = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }"
 _DAEMONS = "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy } } } }"
 _SENSOR = """
 query Sensor($selector: SensorSelector!) {
   sensorOrError(sensorSelector: $selector) {
     __typename ... on Sensor { jobOriginId sensorState { selectorId status } } ... on Error { message }
+  }
+}"""
+_START_SENSOR = """
+mutation StartSensor($selector: SensorSelector!) {
+  startSensor(sensorSelector: $selector) {
+    __typename ... on Sensor { sensorState { status } } ... on Error { message }
   }
 }"""
 _STOP_SENSOR = """
@@ -97,16 +94,6 @@ def instance_yaml(storage_url: str | None = None) -> str:
         "run_monitoring": production["run_monitoring"],
     }
     return yaml.safe_dump(config, sort_keys=False)
-
-
-def _code_server_ready(port: int) -> bool:
-    """Whether the code server on ``port`` answers with the code location's repositories."""
-    from dagster._grpc.client import DagsterGrpcClient
-
-    try:
-        return REPOSITORY in DagsterGrpcClient(port=port, host="127.0.0.1").list_repositories()
-    except Exception:  # not listening yet, or still importing the definitions
-        return False
 
 
 def _storage_database(database_url: str, name: str) -> str:
@@ -178,37 +165,23 @@ class WarmStack:
         (self.home / "dagster.yaml").write_text(instance_yaml(_storage_database(self.database_url, self._storage_db)))
         env = self._env()
         ui_port, api_port, code_port = _free_ports(3)
-        (self.home / "workspace.yaml").write_text(workspace_yaml(code_port))
+        (self.home / "workspace.yaml").write_text(grpc_workspace(code_port))
         ui_url, self.api_url = f"http://127.0.0.1:{ui_port}", f"http://127.0.0.1:{api_port}"
         self.graphql_url = f"{ui_url}/graphql"
-        bin_dir = Path(sys.executable).parent
-        code = ["-w", str(self.home / "workspace.yaml")]
         # One code server for the webserver and the daemon, as in production. With a python_module
         # workspace the daemon reloads every 60 s by starting a new code server, which imports the
         # definitions again (~2 s of CPU a minute, taken from whichever contender is running).
-        code_server = Service(
-            CODE_SERVER,
-            [str(bin_dir / "dagster"), "code-server", "start", "-h", "127.0.0.1", "-p", str(code_port)]
-            + ["-m", "pulse_exports.definitions", "--location-name", LOCATION],
-            env,
-            self.home,
-        )
-        webserver = Service(
-            "dagster-webserver",
-            [str(bin_dir / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(ui_port), *code],
-            env,
-            self.home,
-        )
-        daemon = Service("dagster-daemon", [str(bin_dir / "dagster-daemon"), "run", *code], env, self.home)
+        commands = dagster_commands(self.home / "workspace.yaml", ui_port=ui_port, code_port=code_port)
+        code_server, webserver, daemon = (Service(name, argv, env, self.home) for name, argv in commands.items())
         api_env = {**env, "PULSE_DAGSTER_GRAPHQL_URL": self.graphql_url, "PULSE_DAGSTER_UI_URL": ui_url}
         serve = [sys.executable, "-m", "pulse_exports.cli", "serve", "--host", "127.0.0.1", "--port", str(api_port)]
         api = Service("pulse-exports-serve", serve, api_env, self.home)
         self.services.append(code_server.start())
-        self._wait("the code server to load the definitions", lambda: _code_server_ready(code_port), timeout)
+        self._wait("the code server to load the definitions", lambda: code_server_ready(code_port), timeout)
         # The webserver first: both would create Dagster's storage tables at once and race on its migrations.
         self.services.append(webserver.start())
         self._wait("the webserver to load the code location", self._location_loaded, timeout)
-        self._stop_sensor("export_jobs_sensor")  # before the daemon starts, so it never ticks
+        self.stop_sensor()  # before the daemon starts: it ticks only for the sensor contenders (start_sensor)
         self.services.append(daemon.start())
         self._wait("the daemon's sensors and run queue", self._daemons_healthy, timeout)
         self.services.append(api.start())
@@ -273,7 +246,14 @@ class WarmStack:
         statuses = self.graphql(_DAEMONS)["instance"]["daemonHealth"]["allDaemonStatuses"]
         return {"SENSOR", "QUEUED_RUN_COORDINATOR"} <= {s["daemonType"] for s in statuses if s["healthy"]}
 
-    def _stop_sensor(self, name: str) -> None:
+    def start_sensor(self, name: str = SENSOR) -> None:
+        """Let the daemon tick ``name`` (``pulse-exports daemon``: every ``minimum_interval_seconds``)."""
+        selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "sensorName": name}
+        started = self.graphql(_START_SENSOR, {"selector": selector})["startSensor"]
+        if started.get("sensorState", {}).get("status") != "RUNNING":
+            raise StackFailed(f"could not start {name}: {started}")
+
+    def stop_sensor(self, name: str = SENSOR) -> None:
         selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "sensorName": name}
         sensor = self.graphql(_SENSOR, {"selector": selector})["sensorOrError"]
         if sensor["__typename"] != "Sensor":
@@ -302,21 +282,30 @@ class WarmStack:
                 firsts.setdefault(record.dagster_event.event_type_value, record.timestamp)
         return firsts
 
-    def export(self, fmt: str, compression: str | None, row_limit: int | None, timeout: float = 1800) -> dict[str, Any]:
-        """Submit one export through the API and follow it to COMPLETED; returns the figures (see module doc)."""
+    def export(
+        self, fmt: str, compression: str | None, row_limit: int | None, *, via: str = "api", timeout: float = 1800
+    ) -> dict[str, Any]:
+        """Submit one export and follow it to COMPLETED; returns the figures (see module doc).
+
+        ``via="api"``: POST /api/v1/exports, which launches the run through GraphQL. ``via="sensor"``: insert
+        the ``export_jobs`` row as any producer may, for the daemon's ``export_jobs_sensor`` (started first)."""
         import psycopg
         from psycopg.rows import dict_row
 
         with psycopg.connect(self.database_url, autocommit=True, row_factory=dict_row) as conn:
             memory = WorkerMemory(self)
             submitted = time.time()
-            created = self._client.create("telemetry", format=fmt, compression=compression, row_limit=row_limit)
+            if via == "sensor":
+                export_id = self._insert_job(fmt, compression, row_limit)
+            else:
+                created = self._client.create("telemetry", format=fmt, compression=compression, row_limit=row_limit)
+                if created.launch != "launched":
+                    raise StackFailed(f"the API did not launch the run: {created.launch} ({created.launch_error})")
+                export_id = created.export_id
             answered = time.time()
-            if created.launch != "launched":
-                raise StackFailed(f"the API did not launch the run: {created.launch} ({created.launch_error})")
             memory.start()
             try:
-                marks = self._follow(conn, created.export_id, memory, timeout)
+                marks = self._follow(conn, export_id, memory, timeout)
             finally:
                 memory.finish(timeout=60)
         if memory.pid is not None:
@@ -328,7 +317,7 @@ class WarmStack:
             return events[name] - submitted if name in events else None
 
         return {
-            "export_id": str(created.export_id),
+            "export_id": str(export_id),
             "seconds": marks["completed_seen"] - submitted,
             "completed_db_seconds": marks["completed_db"] - submitted,
             "post_seconds": answered - submitted,
@@ -344,6 +333,17 @@ class WarmStack:
             "bytes": int(marks["file_size_bytes"] or 0),
             "rows": int(marks["row_count"] or 0),
         }
+
+    def _insert_job(self, fmt: str, compression: str | None, row_limit: int | None) -> Any:
+        """A PENDING export_jobs row, validated by the catalog as the API would (no launch)."""
+        from pulse_exports.catalog import Catalog
+        from pulse_exports.jobstore import JobStore
+
+        request = Catalog.load().validate(
+            tenant_id=self.tenant, export_type="telemetry", format=fmt, compression=compression, row_limit=row_limit
+        )
+        job, _ = JobStore(self.database_url).create(request, created_by="bench")
+        return job.id
 
     def _follow(self, conn: Any, export_id: Any, memory: WorkerMemory, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

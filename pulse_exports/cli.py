@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from dagster_shared.cli import workspace_options
 
 from pulse_exports import migrations
 from pulse_exports.catalog import ExportRequestError
@@ -235,7 +236,7 @@ def demo(home: Path, telemetry_rows: int) -> None:
 @click.option("--dagster-port", default=3000, show_default=True, type=click.IntRange(1, 65535))
 @_telemetry_rows_option
 def dev(home: Path, api_port: int, dagster_port: int, telemetry_rows: int) -> None:
-    """The whole system on loopback: `dagster dev` (UI, daemon) and the product API, on embedded defaults."""
+    """The whole system on loopback: Dagster's code server, UI and daemon, and the product API, on embedded defaults."""
     from pulse_exports.devstack import run_dev_stack
 
     home.mkdir(parents=True, exist_ok=True)
@@ -306,6 +307,27 @@ def serve(host: str, port: int, workers: int, log_format: str) -> None:
         log_config=logging_config(log_format),
         access_log=False,  # the API logs each request itself, with its tenant and export id
     )
+
+
+@main.command(context_settings={"show_default": True})
+@click.option(
+    "--sensor-loop-seconds",
+    type=click.FloatRange(min=0.05),
+    default=0.5,
+    help="How often due sensors are evaluated (dagster-daemon: 5 s); each still honours its minimum interval.",
+)
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info")
+@click.option("--log-format", type=click.Choice(["colored", "json", "rich"]), default="colored")
+@workspace_options
+def daemon(sensor_loop_seconds: float, log_level: str, log_format: str, **workspace: Any) -> None:
+    """Dagster's daemon (`dagster-daemon run`) with short sensor and run-queue loops: an export inserted into
+    export_jobs starts in about a second. Takes dagster-daemon's workspace options (-w workspace.yaml, -m ...)."""
+    from dagster_shared.cli import WorkspaceOpts
+
+    from pulse_exports.daemon import run_daemon
+
+    opts = WorkspaceOpts.extract_from_cli_options(workspace)
+    run_daemon(opts, sensor_loop_seconds=sensor_loop_seconds, log_level=log_level, log_format=log_format)
 
 
 def _api_keys() -> Any:

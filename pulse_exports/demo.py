@@ -35,7 +35,7 @@ run_coordinator:
   module: pulse_exports.run_coordinator
   class: FastQueuedRunCoordinator
   config:
-    dequeue_interval_seconds: 0.5
+    dequeue_interval_seconds: 0.25
 run_launcher:
   module: pulse_exports.warm_launcher
   class: WarmRunLauncher

@@ -1,6 +1,6 @@
 """Long-running child processes in their own session, stopped with everything in their process group.
 
-Used by `pulse-exports dev` (``dagster dev``), the benchmark's Dagster deployments and the test fixtures
+Used by `pulse-exports dev` (code server, webserver, daemon), the benchmark's Dagster deployments and the test fixtures
 (webserver, daemon, API, SeaweedFS).
 """
 

@@ -1,12 +1,13 @@
-"""Dagster's run queue, dequeuing twice a second.
+"""Dagster's run queue, dequeuing several times a second.
 
 ``QueuedRunCoordinator`` takes ``dequeue_interval_seconds`` as whole seconds (5 by default), and every
 run the API launches through GraphQL waits in the queue for up to that long before the daemon starts it:
 on average half the interval, which alone was half of the < 1 s "POST to first row" budget. This
-subclass accepts a fractional interval. The daemon's loop sleeps in 0.5 s steps between iterations
-(``IntervalDaemon.core_loop``), so 0.5 s is the shortest interval that takes effect; an iteration is one
-query of the queued runs, cheap at that rate. Everything else (the tenant limits under ``concurrency:``,
-the daemon itself) is Dagster's unchanged.
+subclass accepts a fractional interval (dagster.yaml: 0.25 s). ``dagster-daemon run``'s loop sleeps in
+0.5 s steps between iterations (``IntervalDaemon.core_loop``), so under it 0.5 s is the shortest interval
+that takes effect; ``pulse-exports daemon`` (``pulse_exports.daemon.FastQueueDaemon``) sleeps exactly the
+interval. An iteration is one query of the queued runs, cheap at that rate. Everything else (the tenant
+limits under ``concurrency:``) is Dagster's unchanged.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ class FastQueuedRunCoordinator(QueuedRunCoordinator):
             float,
             is_required=False,
             default_value=DEFAULT_DEQUEUE_INTERVAL_SECONDS,
-            description="Seconds between the daemon's looks at the run queue; fractions allowed, 0.5 at the least.",
+            description=(
+                "Seconds between the daemon's looks at the run queue; fractions allowed "
+                "(dagster-daemon rounds them up to 0.5 s, pulse-exports daemon does not)."
+            ),
         )
         return fields
 

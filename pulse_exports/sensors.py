@@ -21,7 +21,8 @@ RECONCILER_INTERVAL_SECONDS = int(os.environ.get("PULSE_RECONCILER_INTERVAL_SECO
 
 @dg.sensor(
     job=export_job,
-    minimum_interval_seconds=5,
+    # Every second under `pulse-exports daemon` (its sensor loop is 0.5 s); dagster-daemon's loop is 5 s.
+    minimum_interval_seconds=1,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Launches one run per PENDING export_jobs row, oldest first (run_key = export id).",
 )

@@ -35,8 +35,8 @@ PRODUCTION_DAGSTER_YAML = Path(__file__).resolve().parents[1] / "dagster.yaml"
 
 
 def instance_yaml(overrides: dict[str, Any] | None = None, *, production_storage: bool = False) -> str:
-    """The production ``concurrency`` (global and per-tenant run limits), ``run_retries`` and queue
-    (FastQueuedRunCoordinator: a dequeue every 0.5 s, not Dagster's 5 s), no telemetry; SQLite storage
+    """The production ``concurrency`` (global and per-tenant run limits), ``run_retries``, tick ``retention``
+    and queue (FastQueuedRunCoordinator: a dequeue every 0.25 s, not Dagster's 5 s), no telemetry; SQLite storage
     (Dagster's default) unless ``production_storage``: then the production ``storage:`` block, which reads
     ``DAGSTER_PG_*`` (see ``storage_env``). ``overrides`` replace top-level keys (e.g. ``run_launcher``)."""
     production = yaml.safe_load(PRODUCTION_DAGSTER_YAML.read_text())
@@ -46,6 +46,7 @@ def instance_yaml(overrides: dict[str, Any] | None = None, *, production_storage
         "run_coordinator": production["run_coordinator"],
         "concurrency": production["concurrency"],
         "run_retries": production["run_retries"],
+        "retention": production["retention"],
         **(overrides or {}),
     }
     return yaml.safe_dump(config, sort_keys=False)
@@ -261,8 +262,8 @@ def dagster_services(
     s3_endpoint: S3Endpoint,
     dagster_storage_url: str,
 ) -> Iterator[DagsterServices]:
-    """dagster-webserver and dagster-daemon on loopback, sharing a temporary DAGSTER_HOME with the production
-    PostgreSQL storage (a database of the module's own).
+    """dagster-webserver and the daemon (`pulse-exports daemon`) on loopback, sharing a temporary DAGSTER_HOME
+    with the production PostgreSQL storage (a database of the module's own).
 
     A test module may set ``STOPPED_SENSORS`` (sensor names): they are stopped before the daemon
     starts, so they never tick (stopping them later races the daemon's first tick).
@@ -282,7 +283,8 @@ def dagster_services(
     webserver = ServiceProcess(
         "dagster-webserver", [_dagster_bin("dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), *code], env, home
     )
-    daemon = ServiceProcess("dagster-daemon", [_dagster_bin("dagster-daemon"), "run", *code], env, home)
+    # the production daemon (docker-compose): dagster-daemon's daemons with short sensor and queue loops
+    daemon = ServiceProcess("dagster-daemon", [_dagster_bin("pulse-exports"), "daemon", *code], env, home)
     services = DagsterServices(
         home, f"http://127.0.0.1:{port}", module_database_url, module_storage_url, env, webserver, daemon
     )

@@ -30,9 +30,8 @@ CLIS = {
     "pulse-exports": ("pulse_exports.cli", "main"),
     "dagster": ("dagster._cli", "cli"),
     "dagster-webserver": ("dagster_webserver.cli", "cli"),
-    "dagster-daemon": ("dagster._daemon.cli", "cli"),
 }
-DAGSTER_CLIS = ("dagster", "dagster-webserver", "dagster-daemon")
+DAGSTER_CLIS = ("dagster", "dagster-webserver")
 PULSE_SERVICES = ("migrate", "dagster-code", "dagster-webserver", "dagster-daemon", "api")
 DAGSTER_SERVICES = ("dagster-code", "dagster-webserver", "dagster-daemon")
 # Read by the settings and resources of the code location, whatever definitions.py calls them.
@@ -344,11 +343,21 @@ def _parse_in_service(service: dict[str, Any], argv: list[str], monkeypatch: pyt
         _parse(argv)
 
 
-def test_pulse_exports_commands_name_real_cli_subcommands_and_get_their_options(services, monkeypatch):
+def _takes_workspace(argv: list[str]) -> bool:
+    """The commands that load the code location from a workspace file: webserver and daemon."""
+    return argv[0] == "dagster-webserver" or argv[:2] == ["pulse-exports", "daemon"]
+
+
+def test_pulse_exports_commands_name_real_cli_subcommands_and_get_their_options(services, dockerfile, monkeypatch):
     commands = [(name, argv) for name, argv in _commands(services) if argv[0] == "pulse-exports"]
     assert ("migrate", ["pulse-exports", "db", "upgrade"]) in commands
     for name, argv in commands:
-        _parse_in_service(services[name], argv, monkeypatch)
+        _parse_in_service(services[name], _in_repo(argv, dockerfile), monkeypatch)
+
+
+def test_the_daemon_is_dagster_daemon_with_short_sensor_and_queue_loops(services):
+    # pulse-exports daemon (pulse_exports/daemon.py): export_jobs_sensor ticks every second, not every 5 s
+    assert _argv(services["dagster-daemon"]["command"])[:2] == ["pulse-exports", "daemon"]
 
 
 def test_dagster_commands_parse_with_the_installed_dagster_clis(services, dockerfile, monkeypatch):
@@ -369,9 +378,8 @@ def test_code_location_modules_are_importable(services):
 
 
 def test_workspace_files_exist_in_the_image_and_name_one_code_location(services, dockerfile):
-    referenced = {_option(argv, "-w", "--workspace") for _, argv in _commands(services) if argv[0] in DAGSTER_CLIS} - {
-        None
-    }
+    referenced = {_option(argv, "-w", "--workspace") for _, argv in _commands(services) if _takes_workspace(argv)}
+    referenced -= {None}
     assert referenced, "the webserver and daemon name a workspace file"
     workspace_files = {REPO / "workspace.yaml"}
     for image_path in referenced:

@@ -29,9 +29,10 @@ def test_the_daemon_dequeues_at_the_configured_fraction_of_a_second(tmp_path):
     with _instance(tmp_path, production) as instance:
         coordinator = instance.run_coordinator
         assert isinstance(coordinator, FastQueuedRunCoordinator) and isinstance(coordinator, QueuedRunCoordinator)
-        assert coordinator.dequeue_interval_seconds == 0.5
+        assert coordinator.dequeue_interval_seconds == 0.25
+        # dagster-daemon's queue daemon gets it too (and sleeps 0.5 s at least); pulse-exports daemon's sleeps 0.25 s
         daemon = create_daemon_of_type(QueuedRunCoordinatorDaemon.daemon_type(), instance)
-        assert daemon.interval_seconds == 0.5
+        assert daemon.interval_seconds == 0.25
         # the tenant limits still come from `concurrency:`, read through the base class
         limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
         assert {"key": "pulse/tenant", "value": {"applyLimitPerUniqueValue": True}, "limit": 2} in limits
