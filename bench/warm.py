@@ -1,19 +1,20 @@
 """pulse_exports as the product runs it with the warm run launcher: real services, the API's GraphQL launch.
 
 A ``WarmStack`` is one deployment on loopback, started once per (database, store) and stopped with the
-benchmark: ``dagster-webserver`` and ``dagster-daemon`` over a temporary ``DAGSTER_HOME`` (run and event
-storage in a fresh PostgreSQL database on the benchmark's server, as in production; the production
-``concurrency`` limits and ``run_retries``, ``FastQueuedRunCoordinator`` dequeuing every 0.5 s,
+benchmark: ``dagster-webserver`` and ``pulse-exports daemon`` over a temporary ``DAGSTER_HOME`` (run and
+event storage in a fresh PostgreSQL database on the benchmark's server, as in production; the production
+``concurrency`` limits and ``run_retries``, ``FastQueuedRunCoordinator`` dequeuing every 0.25 s,
 ``run_launcher`` = ``WarmRunLauncher`` preloading ``pulse_exports.definitions`` and botocore's S3
-models), one ``dagster code-server`` serving the code location to both, as docker-compose does, and the
-product API
-(``pulse-exports serve``) launching through the webserver's GraphQL API. ``export_jobs_sensor`` is
-stopped before the daemon starts: the API launches every run (the sensor is only its fallback), and a
-live sensor would race the in-process ticks of the sensor-model contenders for their rows.
+models), one ``dagster code-server`` serving the code location to both, as docker-compose does
+(``devstack.dagster_commands``), and the product API (``pulse-exports serve``) launching through the
+webserver's GraphQL API. ``export_jobs_sensor`` is stopped before the daemon starts, and runs only while a
+sensor contender is measured (``start_sensor``): a live sensor would race the in-process ticks of the
+sensor-model contenders for their rows.
 
 One measurement: ``POST /api/v1/exports`` (the API creates the job and launches its run through
-GraphQL), then ``export_jobs`` is polled every 20 ms until COMPLETED, while another thread finds the
-run's forked worker (run tag ``pulse/worker_pid``) and samples its memory until it exits.
+GraphQL), or for a sensor contender an ``export_jobs`` row inserted for the sensor, then ``export_jobs`` is
+polled every 20 ms until COMPLETED, while another thread finds the run's forked worker (run tag
+``pulse/worker_pid``) and samples its memory until it exits.
 """
 
 from __future__ import annotations
