@@ -163,7 +163,7 @@ class Environment:
                 raise RuntimeError("S3 contenders need an S3 endpoint")
             stack = WarmStack(database_url, self.storage_url(storage), self.s3 if storage == "s3" else None)
             self._warm[key] = stack  # registered first: a failed start is still stopped by close()
-            print(f"starting Dagster (code server, webserver, pulse-exports daemon) and the API ({storage}) ...", flush=True)
+            print(f"starting Dagster (code server, webserver, daemon) and the API ({storage}) ...", flush=True)
             started = time.monotonic()
             try:
                 stack.start()
