@@ -234,7 +234,23 @@ def _check(contender: str, measured: Any) -> None:
         raise ContenderFailed(f"{contender} exited with {measured.returncode}:\n{tail}")
 
 
+def psql_plan(database_url: str, query: str) -> str:
+    """PostgreSQL's plan for the query, as a chain of node types (parallel workers noted): psql's time
+    depends on it (a parallel scan and sort uses both cores; an index scan, one)."""
+    import psycopg
+
+    with psycopg.connect(database_url) as conn:
+        node = conn.execute(f"EXPLAIN (FORMAT JSON) {query}").fetchone()[0][0]["Plan"]  # type: ignore[index]
+    steps = []
+    while node:
+        workers = f" ({node['Workers Planned']} workers)" if "Workers Planned" in node else ""
+        steps.append(("Parallel " if node.get("Parallel Aware") else "") + node["Node Type"] + workers)
+        node = (node.get("Plans") or [None])[0]
+    return " > ".join(steps)
+
+
 def _measure_psql(target: Target, env: Environment) -> dict[str, Any]:
+    plan = psql_plan(target.database_url, target.query)  # just before: autovacuum's statistics may change it
     out = env.workdir / "psql.csv"
     copy = f"\\copy ({target.query}) TO '{out}' CSV HEADER"
     argv = [str(env.psql), target.database_url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", copy]
@@ -243,7 +259,7 @@ def _measure_psql(target: Target, env: Environment) -> dict[str, Any]:
     rows = _csv_lines(out) - 1
     size = out.stat().st_size
     out.unlink()
-    return {"seconds": measured.seconds, "peak_rss": measured.peak_rss, "bytes": size, "rows": rows}
+    return {"seconds": measured.seconds, "peak_rss": measured.peak_rss, "bytes": size, "rows": rows, "plan": plan}
 
 
 def _measure_naive(target: Target, env: Environment) -> dict[str, Any]:

@@ -7,6 +7,7 @@ then summarised: the machine drifts between minutes, so only runs close in time 
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,17 @@ def main_table(summary: list[dict[str, Any]], size: int) -> str:
             f"{_fmt_spread(row.get('first_row'))} |"
         )
     return "\n".join(lines)
+
+
+def psql_plans(results: dict[str, Any]) -> list[str]:
+    """Per scale, the plans PostgreSQL chose for psql's query (EXPLAIN just before each run), with their counts."""
+    lines = []
+    for scale in sorted({r["scale"] for r in results["runs"]}):
+        plans = Counter(r["plan"] for r in results["runs"] if r["scale"] == scale and r.get("plan"))
+        if plans:
+            chosen = "; ".join(f"`{plan}` ({count}×)" for plan, count in plans.most_common())
+            lines.append(f"- {_rows_label(scale)} rows: {chosen}")
+    return lines
 
 
 def warm_table(summary: list[dict[str, Any]], size: int) -> str:
@@ -315,6 +327,14 @@ def markdown(results: dict[str, Any], summary: list[dict[str, Any]], images: lis
             "The worker is forked, so its VmHWM counts the pages it shares with the zygote (Dagster, Polars, "
             "pyarrow, connectorx, our code, imported once); *private* is the most `Private_Clean + "
             "Private_Dirty` seen in its `smaps_rollup` (every 100 ms): what one more concurrent export adds.",
+            "",
+        ]
+    if plans := psql_plans(results):
+        parts += [
+            "psql's plan, as PostgreSQL chose it just before each run (a parallel scan and sort keeps both cores "
+            "busy for psql; a walk of the (tenant, time) index uses one):",
+            "",
+            *plans,
             "",
         ]
     parts += [

@@ -269,8 +269,8 @@ def _export_checking_metric_columns(
     rows_flowing: threading.Event | None = None,
 ) -> ExportOutcome:
     """Export with the plan's query. When its metric columns came from a sample, look meanwhile
-    for a row with a key the sample lacked; if there is one, or the query failed (its strict casts
-    refuse a value of another type than the sample's), export again with columns from all rows."""
+    for a row with a key the sample lacked or a value of another JSON type than the sample's; if there
+    is one, or the query failed (a cast refused a value), export again with columns from all rows."""
     if not plan.get("metrics_sampled"):
         return export(plan.get("slice_queries") or [plan["query"]])
     check = None

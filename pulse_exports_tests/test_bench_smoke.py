@@ -73,5 +73,5 @@ def test_bench_runs_every_contender_and_writes_its_report(bench_results: tuple[d
         assert contender.label in report
     assert "API + warm launcher" in report and "through the API's GraphQL launch (warm launcher" in report
     assert "sensor + warm launcher" in report and "(`pulse-exports daemon`, warm launcher)" in report
-    assert "× psql" in report and "### Targets" in report and "### Scaling" in report
+    assert "psql's plan" in report and "× psql" in report and "### Targets" in report and "### Scaling" in report
     assert (docs / "img" / "benchmark.png").stat().st_size > 10_000

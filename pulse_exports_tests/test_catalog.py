@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from pulse_exports.catalog import Catalog, ExportRequestError, OperatorTable
+from pulse_exports.catalog import Catalog, ExportRequest, ExportRequestError, OperatorTable, QueryPlan
 
 TENANT = "tenant-002"
 
@@ -120,17 +120,27 @@ def test_telemetry_metrics_become_typed_columns(catalog: Catalog, seeded_databas
     assert row is not None and isinstance(row[1], float) and row[2] is None
 
 
-def _add_late_odd_rows(conn: psycopg.Connection) -> None:
-    """Rows after every seeded one (in time and in the heap): a new key, and text in a numeric key."""
-    conn.execute(
-        "INSERT INTO telemetry (time, tenant_id, device_id, site_id, seq, metrics) VALUES"
-        " (now() + interval '1 day', %s, 'dev-late', 'site-0', 900001, '{\"co2\": 410}'),"
-        " (now() + interval '1 day', %s, 'dev-late', 'site-0', 900002, '{\"rssi\": \"n/a\"}')",
-        (TENANT, TENANT),
-    )
+def _add_late_odd_rows(conn: psycopg.Connection, *metrics: str) -> None:
+    """Rows after every seeded one (in time and in the heap): by default a new key, and text in a numeric key."""
+    for seq, value in enumerate(metrics or ('{"co2": 410}', '{"rssi": "n/a"}'), start=900001):
+        conn.execute(
+            "INSERT INTO telemetry (time, tenant_id, device_id, site_id, seq, metrics)"
+            " VALUES (now() + interval '1 day', %s, 'dev-late', 'site-0', %s, %s)",
+            (TENANT, seq, value),
+        )
 
 
-def test_sampled_metric_columns_are_cast_strictly_and_checked_for_missed_keys(
+def _late_sampled_plan(catalog: Catalog, conn: psycopg.Connection, request: ExportRequest) -> QueryPlan:
+    # A sample reads whichever rows PostgreSQL finds first; in heap order the new rows could land
+    # in free space anywhere. Through the (tenant_id, time) index they come last, outside it.
+    conn.execute("SET enable_seqscan = off")
+    try:
+        return catalog.plan(conn, request, metric_sample_rows=100)
+    finally:
+        conn.execute("RESET enable_seqscan")
+
+
+def test_sampled_metric_columns_are_checked_for_missed_keys_and_types(
     catalog: Catalog, seeded_database_url: str
 ) -> None:
     request = catalog.validate(tenant_id=TENANT, export_type="telemetry")
@@ -145,18 +155,43 @@ def test_sampled_metric_columns_are_cast_strictly_and_checked_for_missed_keys(
         assert not catalog.plan(conn, request, metric_sample_rows=100_000).metrics_sampled  # the sample is all rows
 
         _add_late_odd_rows(conn)
-        # A sample reads whichever rows PostgreSQL finds first; in heap order the new rows could land
-        # in free space anywhere. Through the (tenant_id, time) index they come last, outside it.
-        conn.execute("SET enable_seqscan = off")
-        late = catalog.plan(conn, request, metric_sample_rows=100)
-        conn.execute("RESET enable_seqscan")
+        late = _late_sampled_plan(catalog, conn, request)
         assert late.metrics_sampled and "co2" not in late.columns
         assert ("rssi", "double precision") in late.metric_columns and late.unplanned_keys_query is not None
         assert conn.execute(late.unplanned_keys_query).fetchone() == (True,)
-        with pytest.raises(psycopg.errors.InvalidParameterValue):  # "n/a" is no number: no silent NULL or cast
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation):  # "n/a" is no number: no silent NULL
             conn.execute(late.query).fetchall()
         replanned = catalog.plan(conn, request)
         assert "co2" in replanned.columns and ("rssi", "text") in replanned.metric_columns
+
+
+@pytest.mark.parametrize("late", ['{"rssi": "12"}', '{"rssi": true}', '{"rssi": {"dbm": -70}}'])
+def test_the_check_catches_a_value_of_another_json_type_that_the_cast_would_take(
+    catalog: Catalog, seeded_database_url: str, late: str
+) -> None:
+    request = catalog.validate(tenant_id=TENANT, export_type="telemetry")
+    with psycopg.connect(seeded_database_url, autocommit=True) as conn:
+        _add_late_odd_rows(conn, late)
+        sampled = _late_sampled_plan(catalog, conn, request)
+        assert ("rssi", "double precision") in sampled.metric_columns and sampled.unplanned_keys_query is not None
+        assert conn.execute(sampled.unplanned_keys_query).fetchone() == (True,)
+        if late == '{"rssi": "12"}':  # the text cast takes it as 12.0: only the check tells the type changed
+            rows = conn.execute(sampled.query).fetchall()
+            assert rows[-1][list(sampled.columns).index("rssi")] == 12.0
+        assert ("rssi", "double precision") not in catalog.plan(conn, request).metric_columns
+
+
+def test_named_metric_keys_are_sampled_without_a_check_and_cast_strictly(
+    catalog: Catalog, seeded_database_url: str
+) -> None:
+    request = catalog.validate(tenant_id=TENANT, export_type="telemetry", filters={"metric_names": ["rssi"]})
+    with psycopg.connect(seeded_database_url, autocommit=True) as conn:
+        _add_late_odd_rows(conn, '{"rssi": "12"}')
+        named = _late_sampled_plan(catalog, conn, request)
+        assert named.metrics_sampled and named.unplanned_keys_query is None
+        assert named.metric_columns == (("rssi", "double precision"),)
+        with pytest.raises(psycopg.errors.InvalidParameterValue):  # jsonb -> double precision refuses "12"
+            conn.execute(named.query).fetchall()
 
 
 def test_row_limit_takes_metric_keys_from_the_exported_rows_only(catalog: Catalog, seeded_database_url: str) -> None:

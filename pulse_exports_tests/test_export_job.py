@@ -109,7 +109,8 @@ def test_small_part_size_gives_many_parts_with_matching_sha256(exports: ExportHa
     ("late_metrics", "rssi_type"),
     [
         ({"co2": 410}, "float64"),  # the export succeeds; the check finds the key the sample lacked
-        ({"rssi": "n/a"}, "string"),  # the sampled strict cast fails the query itself
+        ({"rssi": "n/a"}, "string"),  # the cast to double precision fails the query itself
+        ({"rssi": "12"}, "string"),  # the cast takes "12" as 12.0; the check finds a string in a number key
         ({"co2": 410, "rssi": "n/a"}, "string"),
     ],
 )
