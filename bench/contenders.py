@@ -204,10 +204,6 @@ class Environment:
 RESUME_SETTLE_SECONDS = 2.0
 
 
-# A started sensor first ticks within a loop (0.5 s); the submit then lands at a random point of its 1 s interval.
-SENSOR_SETTLE_SECONDS = 1.5
-
-
 class ContenderFailed(RuntimeError):
     pass
 
@@ -352,15 +348,7 @@ def _measure_warm(contender: Contender, target: Target, env: Environment) -> dic
 
     stack = env.warm_stack(target.database_url, contender.storage)
     try:
-        if contender.submit == "sensor":
-            stack.start_sensor()
-            time.sleep(SENSOR_SETTLE_SECONDS)
-            try:
-                record = stack.export(contender.format, contender.compression, target.row_limit, via="sensor")
-            finally:
-                stack.stop_sensor()
-        else:
-            record = stack.export(contender.format, contender.compression, target.row_limit)
+        record = stack.export(contender.format, contender.compression, target.row_limit, via=contender.submit)
     except StackFailed as exc:
         raise ContenderFailed(f"{contender.key}: {exc}") from exc
     store = env.store(contender.storage)

@@ -7,9 +7,9 @@ event storage in a fresh PostgreSQL database on the benchmark's server, as in pr
 ``run_launcher`` = ``WarmRunLauncher`` preloading ``pulse_exports.definitions`` and botocore's S3
 models), one ``dagster code-server`` serving the code location to both, as docker-compose does
 (``devstack.dagster_commands``), and the product API (``pulse-exports serve``) launching through the
-webserver's GraphQL API. ``export_jobs_sensor`` is stopped before the daemon starts, and runs only while a
-sensor contender is measured (``start_sensor``): a live sensor would race the in-process ticks of the
-sensor-model contenders for their rows.
+webserver's GraphQL API. ``export_jobs_sensor`` runs, every second, as in production (its ticks cost the daemon
+and code server ~45 ms of CPU each); it cannot race the in-process ticks of the sensor-model contenders for
+their rows, because a stack is paused while any other contender runs.
 
 One measurement: ``POST /api/v1/exports`` (the API creates the job and launches its run through
 GraphQL), or for a sensor contender an ``export_jobs`` row inserted for the sensor, then ``export_jobs`` is
@@ -40,7 +40,6 @@ from pulse_exports.processes import ServiceProcess, signal_group
 REPO = Path(__file__).resolve().parent.parent
 CODE_SERVER = "dagster-code-server"  # the service pause() leaves running (devstack.dagster_commands names it)
 REPOSITORY = "__repository__"
-SENSOR = "export_jobs_sensor"
 KEY_NAME = "pulse bench"  # the API keys the stacks make; _prepare_database deletes their exports
 POLL_SECONDS = 0.02
 WARMUP_ROWS = 1_000
@@ -53,24 +52,6 @@ WARM_LAUNCHER = {
 
 _REPOSITORIES = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }"
 _DAEMONS = "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy } } } }"
-_SENSOR = """
-query Sensor($selector: SensorSelector!) {
-  sensorOrError(sensorSelector: $selector) {
-    __typename ... on Sensor { jobOriginId sensorState { selectorId status } } ... on Error { message }
-  }
-}"""
-_START_SENSOR = """
-mutation StartSensor($selector: SensorSelector!) {
-  startSensor(sensorSelector: $selector) {
-    __typename ... on Sensor { sensorState { status } } ... on Error { message }
-  }
-}"""
-_STOP_SENSOR = """
-mutation StopSensor($origin: String, $selector: String) {
-  stopSensor(jobOriginId: $origin, jobSelectorId: $selector) {
-    __typename ... on StopSensorMutationResult { instigationState { status } } ... on Error { message }
-  }
-}"""
 _JOB = (
     "SELECT status, rows_done, started_at, heartbeat_at, completed_at, run_id, row_count, file_size_bytes, error"
     " FROM export_jobs WHERE id = %s"
@@ -182,7 +163,6 @@ class WarmStack:
         # The webserver first: both would create Dagster's storage tables at once and race on its migrations.
         self.services.append(webserver.start())
         self._wait("the webserver to load the code location", self._location_loaded, timeout)
-        self.stop_sensor()  # before the daemon starts: it ticks only for the sensor contenders (start_sensor)
         self.services.append(daemon.start())
         self._wait("the daemon's sensors and run queue", self._daemons_healthy, timeout)
         self.services.append(api.start())
@@ -247,23 +227,6 @@ class WarmStack:
         statuses = self.graphql(_DAEMONS)["instance"]["daemonHealth"]["allDaemonStatuses"]
         return {"SENSOR", "QUEUED_RUN_COORDINATOR"} <= {s["daemonType"] for s in statuses if s["healthy"]}
 
-    def start_sensor(self, name: str = SENSOR) -> None:
-        """Let the daemon tick ``name`` (``pulse-exports daemon``: every ``minimum_interval_seconds``)."""
-        selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "sensorName": name}
-        started = self.graphql(_START_SENSOR, {"selector": selector})["startSensor"]
-        if started.get("sensorState", {}).get("status") != "RUNNING":
-            raise StackFailed(f"could not start {name}: {started}")
-
-    def stop_sensor(self, name: str = SENSOR) -> None:
-        selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "sensorName": name}
-        sensor = self.graphql(_SENSOR, {"selector": selector})["sensorOrError"]
-        if sensor["__typename"] != "Sensor":
-            raise StackFailed(f"no sensor {name}: {sensor}")
-        variables = {"origin": sensor["jobOriginId"], "selector": sensor["sensorState"]["selectorId"]}
-        stopped = self.graphql(_STOP_SENSOR, variables)["stopSensor"]
-        if stopped.get("instigationState", {}).get("status") != "STOPPED":
-            raise StackFailed(f"could not stop {name}: {stopped}")
-
     def run_tags(self, run_id: str) -> dict[str, str]:
         """The run's tags, read from the stack's SQLite run storage in this process (no webserver work)."""
         import dagster as dg
@@ -289,7 +252,7 @@ class WarmStack:
         """Submit one export and follow it to COMPLETED; returns the figures (see module doc).
 
         ``via="api"``: POST /api/v1/exports, which launches the run through GraphQL. ``via="sensor"``: insert
-        the ``export_jobs`` row as any producer may, for the daemon's ``export_jobs_sensor`` (started first)."""
+        the ``export_jobs`` row as any producer may, for the daemon's ``export_jobs_sensor``."""
         import psycopg
         from psycopg.rows import dict_row
 

@@ -441,6 +441,17 @@ class JobStore(PostgresStore):
             return cur.rowcount == 1
 
     # -- the product API ------------------------------------------------------------------
+    def release_to_sensor(self, job_id: uuid.UUID) -> bool:
+        """QUEUED without a run -> PENDING: the API's launch failed, so ``export_jobs_sensor`` takes the job.
+        (The API marks a job QUEUED before it launches, so the sensor leaves it alone meanwhile.)"""
+        with self.connect() as conn:
+            cur = conn.execute(
+                "UPDATE export_jobs SET status = 'PENDING', queued_at = NULL"
+                " WHERE id = %s AND status = 'QUEUED' AND run_id IS NULL",
+                (job_id,),
+            )
+            return cur.rowcount == 1
+
     def mark_launched(self, job_id: uuid.UUID, run_id: str) -> bool:
         """PENDING/QUEUED -> QUEUED with the run the API launched through GraphQL, so a cancel can
         terminate it before it starts. The claim overwrites run_id with the run that does the work."""

@@ -6,12 +6,14 @@ import asyncio
 import hashlib
 import json
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -32,6 +34,7 @@ from pulse_exports.cli import main as cli_main
 from pulse_exports.client import PulseExportsClient, PulseExportsError
 from pulse_exports.local_runs import execute_export_run, tick_export_sensor
 from pulse_exports.resources import ExportStorage
+from pulse_exports.sensors import STALE_QUEUED_AFTER
 from pulse_exports_tests.exports_harness import ExportHarness
 from pulse_exports_tests.servers import S3Endpoint
 
@@ -405,6 +408,70 @@ def test_unreachable_dagster_leaves_the_export_to_the_sensor(api: LiveApi) -> No
         assert down.run_exports() == [True]
         with down.client() as client:
             assert client.wait(created["export_id"], timeout=10).status.value == "COMPLETED"
+
+
+@contextmanager
+def refusing_graphql(on_request: Callable[[], None]) -> Iterator[str]:
+    """A stand-in for the webserver's /graphql that calls ``on_request`` and then refuses every mutation
+    (``LaunchRefused``), as a webserver would for a job its code location no longer has."""
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            on_request()
+            body = json.dumps(
+                {
+                    "data": {
+                        "launchRun": {"__typename": "PythonError", "message": "refused"},
+                        "addDynamicPartition": {"__typename": "PythonError", "message": "refused"},
+                    }
+                }
+            )
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/graphql"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_job_being_launched_is_left_alone_by_the_sensor_and_returned_to_it_when_refused(api: LiveApi) -> None:
+    jobs = api.exports.jobs
+    during: list[tuple[str, str | None, bool]] = []  # (status, run_id, picked by the sensor's query)
+
+    def look() -> None:
+        with psycopg.connect(api.exports.database_url) as conn:
+            newest = conn.execute(
+                "SELECT id, status, run_id FROM export_jobs WHERE tenant_id = %s ORDER BY created_at DESC LIMIT 1",
+                (TENANT,),
+            ).fetchone()
+        assert newest is not None
+        pending = {j.id for j in jobs.pending(100, stale_queued_after=STALE_QUEUED_AFTER)}  # the sensor's query
+        during.append((newest[1], newest[2], newest[0] in pending))
+
+    with (
+        refusing_graphql(look) as graphql,
+        live_api(api.exports, s3_endpoint_url=api.settings.s3_endpoint_url, dagster_graphql_url=graphql) as refused,
+    ):
+        created = refused.create(export_type="devices", format="csv")
+    assert during and set(during) == {("QUEUED", None, False)}  # no second run requested while launching
+    assert created["launch"] == "deferred to sensor" and created["launch_error"] == "Dagster refused the launch"
+    job = jobs.get(created["export_id"])
+    assert job is not None and (job.status, job.run_id, job.queued_at) == ("PENDING", None, None)
+    assert job.id in {j.id for j in jobs.pending(100)}
+    assert refused.run_exports() == [True]
+    done = jobs.get(created["export_id"])
+    assert done is not None and done.status == "COMPLETED"
 
 
 def test_dagster_ui_link_points_at_the_run(api: LiveApi) -> None:

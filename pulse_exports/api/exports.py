@@ -212,17 +212,27 @@ def _estimate_rows(runtime: ApiRuntime, request: ExportRequest) -> int | None:
 
 
 def _launch(runtime: ApiRuntime, job: ExportJob) -> tuple[LaunchOutcome, str | None, str | None]:
-    """(outcome, error shown to the caller, run id). Failures leave the job PENDING for the sensor."""
+    """(outcome, error shown to the caller, run id). Failures leave the job PENDING for the sensor.
+
+    The job is QUEUED while the launch is under way: export_jobs_sensor (every second) takes PENDING jobs,
+    and would otherwise request a second run for it, one that finds nothing to claim. Should this process
+    die before it records the run, the sensor takes the job once it has been QUEUED for 5 minutes."""
     if runtime.launcher is None:
         return "sensor", None, None
+    runtime.jobs.mark_queued([job.id])
     try:
         run_id = runtime.launcher.launch(job)
     except DagsterUnavailable as exc:
+        runtime.jobs.release_to_sensor(job.id)
         _log.warning("export %s: Dagster unreachable, left to the sensor: %s", job.id, exc)
         return "deferred to sensor", "Dagster is unreachable", None
     except LaunchRefused as exc:
+        runtime.jobs.release_to_sensor(job.id)
         _log.error("export %s: Dagster refused the launch, left to the sensor: %s", job.id, exc)
         return "deferred to sensor", "Dagster refused the launch", None
+    except BaseException:
+        runtime.jobs.release_to_sensor(job.id)
+        raise
     if not runtime.jobs.mark_launched(job.id, run_id):
         _log.info("export %s was claimed before its launch was recorded (run %s)", job.id, run_id)
     return "launched", None, run_id
