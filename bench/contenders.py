@@ -270,7 +270,13 @@ def _measure_naive(target: Target, env: Environment) -> dict[str, Any]:
     size = out.stat().st_size
     out.unlink()
     peak = max(measured.peak_rss, int(result["vm_hwm"]))
-    return {"seconds": measured.seconds, "peak_rss": peak, "bytes": size, "rows": int(result["rows"])}
+    return {
+        "seconds": measured.seconds,
+        "peak_rss": peak,
+        "peak_anon": measured.peak_anon,
+        "bytes": size,
+        "rows": int(result["rows"]),
+    }
 
 
 def _measure_pulse(contender: Contender, target: Target, env: Environment) -> dict[str, Any]:
@@ -318,6 +324,7 @@ def _measure_pulse(contender: Contender, target: Target, env: Environment) -> di
         "seconds": marks["run_finished_at"] - submitted_at,
         "process_seconds": measured.seconds,
         "peak_rss": max(measured.peak_rss, int(marks["vm_hwm"])),
+        "peak_anon": measured.peak_anon,
         "bytes": int(done.file_size_bytes or 0),
         "rows": int(done.row_count or 0),
         "first_row_seconds": (first - submitted_at) if first else None,

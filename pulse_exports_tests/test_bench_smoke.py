@@ -56,6 +56,12 @@ def test_bench_runs_every_contender_and_writes_its_report(bench_results: tuple[d
         assert 0 < run["seconds"] < 300
         assert 1 << 20 < run["peak_rss"] < 8 << 30, run  # a real process's peak, not a parent's
         assert run["bytes"] > 1_000
+    for run in (
+        r
+        for r in main
+        if r["contender"] == "naive" or r["contender"].startswith("pulse-") and r["contender"] not in WARM
+    ):
+        assert 1 << 20 < run["peak_anon"] < run["peak_rss"], run  # its own heap, within its resident peak
     pulse = [r for r in main if r["contender"].startswith("pulse-")]
     assert all(0 < r["first_row_seconds"] < r["seconds"] for r in pulse)
     warm_runs = [r for r in main if r["contender"] in WARM]
@@ -73,5 +79,6 @@ def test_bench_runs_every_contender_and_writes_its_report(bench_results: tuple[d
         assert contender.label in report
     assert "API + warm launcher" in report and "through the API's GraphQL launch (warm launcher" in report
     assert "sensor + warm launcher" in report and "(`pulse-exports daemon`, warm launcher)" in report
+    assert "its own memory (RssAnon, sampled)" in report or "private to the forked worker" in report
     assert "psql's plan" in report and "× psql" in report and "### Targets" in report and "### Scaling" in report
     assert (docs / "img" / "benchmark.png").stat().st_size > 10_000
