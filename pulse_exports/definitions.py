@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import dagster as dg
 
 from pulse_exports.jobs import export_job
@@ -15,6 +17,10 @@ from pulse_exports.sensors import (
     export_run_failure_sensor,
     export_schedules_sensor,
 )
+
+# Dagster 1.13 reports `owners` as a beta parameter whenever Definitions attaches resources to a sensor
+# (SensorDefinition.with_attributes passes the sensor's empty owners on). No sensor here sets owners.
+warnings.filterwarnings("ignore", "Parameter `owners` of initializer `SensorDefinition", dg.BetaWarning)
 
 
 def build_definitions(
