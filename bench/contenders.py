@@ -59,7 +59,7 @@ WARM = [
     )
 ]
 # The same, submitted as a bare export_jobs row (any producer may insert one): the daemon's export_jobs_sensor
-# (`pulse-exports daemon`: sensor loop 0.5 s, the sensor's interval 1 s) queues the run.
+# (`pulse-exports daemon`: woken by the row's NOTIFY; the sensor's interval is 1 s) queues the run.
 WARM_SENSOR = [
     Contender(f"pulse-warm-sensor-{name}-file", f"pulse_exports {label} -> file, sensor + warm launcher", "warm", *spec)
     for name, label, spec in (

@@ -314,20 +314,50 @@ def serve(host: str, port: int, workers: int, log_format: str) -> None:
     "--sensor-loop-seconds",
     type=click.FloatRange(min=0.05),
     default=0.5,
-    help="How often due sensors are evaluated (dagster-daemon: 5 s); each still honours its minimum interval.",
+    help="How often due sensors are evaluated after a new export (or always, without a database URL); each "
+    "still honours its minimum interval.",
+)
+@click.option(
+    "--sensor-idle-seconds",
+    type=click.FloatRange(min=0.05),
+    default=5.0,
+    help="How often due sensors are evaluated while no export arrives (dagster-daemon: always 5 s).",
+)
+@click.option(
+    "--database-url",
+    envvar="PULSE_DATABASE_URL",
+    help="export_jobs' database, LISTENed to for new exports. Defaults to PULSE_DATABASE_URL; without it the "
+    "sensors are polled every --sensor-loop-seconds.",
 )
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info")
 @click.option("--log-format", type=click.Choice(["colored", "json", "rich"]), default="colored")
 @workspace_options
-def daemon(sensor_loop_seconds: float, log_level: str, log_format: str, **workspace: Any) -> None:
-    """Dagster's daemon (`dagster-daemon run`) with short sensor and run-queue loops: an export inserted into
-    export_jobs starts in about a second. Takes dagster-daemon's workspace options (-w workspace.yaml, -m ...)."""
+def daemon(
+    sensor_loop_seconds: float,
+    sensor_idle_seconds: float,
+    database_url: str | None,
+    log_level: str,
+    log_format: str,
+    **workspace: Any,
+) -> None:
+    """Dagster's daemon (`dagster-daemon run`), woken by each new export and with a short run-queue loop: an
+    export inserted into export_jobs starts within a second. Takes dagster-daemon's workspace options
+    (-w workspace.yaml, -m ...)."""
     from dagster_shared.cli import WorkspaceOpts
 
     from pulse_exports.daemon import run_daemon
 
+    if sensor_idle_seconds < sensor_loop_seconds:
+        raise click.BadParameter("must be at least --sensor-loop-seconds", param_hint="--sensor-idle-seconds")
     opts = WorkspaceOpts.extract_from_cli_options(workspace)
-    run_daemon(opts, sensor_loop_seconds=sensor_loop_seconds, log_level=log_level, log_format=log_format)
+    run_daemon(
+        opts,
+        sensor_loop_seconds=sensor_loop_seconds,
+        database_url=database_url or None,
+        sensor_idle_seconds=sensor_idle_seconds,
+        log_level=log_level,
+        log_format=log_format,
+    )
 
 
 def _api_keys() -> Any:

@@ -161,9 +161,13 @@ class JobStore(PostgresStore):
         max_active_jobs: int | None = None,
         schedule_id: uuid.UUID | None = None,
         scheduled_for: datetime | None = None,
+        queued: bool = False,
     ) -> tuple[ExportJob, bool]:
         """Insert a PENDING job; with an idempotency key already used by this tenant, return that
         job instead. Returns (job, created). Safe under concurrent requests with one key.
+
+        ``queued`` inserts it QUEUED instead: the caller launches its run itself (the API's GraphQL launch), so
+        export_jobs_sensor, woken by every new PENDING row, leaves it alone (``release_to_sensor`` hands it back).
 
         With ``max_active_jobs``, raise QuotaExceeded when the tenant already has that many PENDING,
         QUEUED or RUNNING jobs (a repeated idempotency key still returns its job). A transaction-level
@@ -175,7 +179,7 @@ class JobStore(PostgresStore):
             idempotency_key = schedule_idempotency_key(schedule_id, scheduled_for)
         elif schedule_id is not None or scheduled_for is not None:
             raise ValueError("schedule_id and scheduled_for go together, and bring their own idempotency key")
-        insert = (request, callback_url, created_by, idempotency_key, schedule_id, scheduled_for)
+        insert = (request, callback_url, created_by, idempotency_key, schedule_id, scheduled_for, queued)
         if max_active_jobs is None:
             with self.connect() as conn:
                 return self._insert(conn, *insert)
@@ -219,16 +223,28 @@ class JobStore(PostgresStore):
         idempotency_key: str | None,
         schedule_id: uuid.UUID | None,
         scheduled_for: datetime | None,
+        queued: bool,
     ) -> tuple[ExportJob, bool]:
         row = conn.execute(
             _q("""
             INSERT INTO export_jobs (tenant_id, export_type, format, compression, columns, filters, row_limit,
-                                     options, callback_url, created_by, idempotency_key, schedule_id, scheduled_for)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                                     options, callback_url, created_by, idempotency_key, schedule_id, scheduled_for,
+                                     status, queued_at)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
+                    CASE WHEN %s THEN 'QUEUED' ELSE 'PENDING' END, CASE WHEN %s THEN now() END)
             ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
             RETURNING {cols}
             """),
-            (*spec_params(request), callback_url, created_by, idempotency_key, schedule_id, scheduled_for),
+            (
+                *spec_params(request),
+                callback_url,
+                created_by,
+                idempotency_key,
+                schedule_id,
+                scheduled_for,
+                queued,
+                queued,
+            ),
         ).fetchone()
         if row:
             return ExportJob(**row), True

@@ -15,9 +15,9 @@ from pulse_exports.resources import CallbackSettings, ExportSettings, ExportStor
 # A QUEUED job whose run never appeared (a tick that failed after marking it) is requested
 # again after this long; run_key dedupe makes that a no-op when the run does exist.
 STALE_QUEUED_AFTER = timedelta(minutes=5)
-# How often export_jobs_sensor looks for PENDING rows (read when the code location loads): a row another
-# producer inserts starts about this long after, under `pulse-exports daemon` (its sensor loop is 0.5 s;
-# dagster-daemon's is 5 s). Each tick costs the daemon and code server ~45 ms of CPU.
+# The shortest time between two export_jobs_sensor ticks (read when the code location loads). `pulse-exports
+# daemon` evaluates it as soon as a job becomes PENDING (LISTEN, migration 0006) and every 5 s otherwise;
+# dagster-daemon every 5 s. Each tick costs the daemon and code server ~45 ms of CPU.
 EXPORT_SENSOR_INTERVAL_SECONDS = int(os.environ.get("PULSE_EXPORT_SENSOR_INTERVAL_SECONDS") or 1)
 # How often the reconciler looks for stale heartbeats (read when the code location loads).
 RECONCILER_INTERVAL_SECONDS = int(os.environ.get("PULSE_RECONCILER_INTERVAL_SECONDS") or 30)

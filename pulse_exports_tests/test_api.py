@@ -460,11 +460,15 @@ def test_a_job_being_launched_is_left_alone_by_the_sensor_and_returned_to_it_whe
         during.append((newest[1], newest[2], newest[0] in pending))
 
     with (
+        psycopg.connect(api.exports.database_url, autocommit=True) as listener,  # as pulse-exports daemon
         refusing_graphql(look) as graphql,
         live_api(api.exports, s3_endpoint_url=api.settings.s3_endpoint_url, dagster_graphql_url=graphql) as refused,
     ):
+        listener.execute("LISTEN pulse_export_jobs")
         created = refused.create(export_type="devices", format="csv")
+        woken = len(list(listener.notifies(timeout=0.5)))
     assert during and set(during) == {("QUEUED", None, False)}  # no second run requested while launching
+    assert woken == 1  # created QUEUED (no wake-up), then handed back to the sensor (one)
     assert created["launch"] == "deferred to sensor" and created["launch_error"] == "Dagster refused the launch"
     job = jobs.get(created["export_id"])
     assert job is not None and (job.status, job.run_id, job.queued_at) == ("PENDING", None, None)

@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import itertools
+import logging
+import threading
+import time
 from pathlib import Path
 
 import dagster as dg
+import psycopg
 import pytest
 from dagster._core.instance.ref import InstanceRef
 from dagster._daemon.controller import create_daemons_from_instance
 
-from pulse_exports.daemon import DEFAULT_SENSOR_LOOP_SECONDS, FastQueueDaemon, FastSensorDaemon, pulse_daemons
+from pulse_exports import migrations
+from pulse_exports.catalog import Catalog
+from pulse_exports.daemon import (
+    DEFAULT_SENSOR_IDLE_SECONDS,
+    DEFAULT_SENSOR_LOOP_SECONDS,
+    FastQueueDaemon,
+    FastSensorDaemon,
+    PendingJobsListener,
+    pulse_daemons,
+)
+from pulse_exports.jobstore import JobStore
 from pulse_exports_tests.dagster_processes import LOCATION, REPOSITORY, DagsterServices, instance_yaml, wait_for
 
 SENSOR = "export_jobs_sensor"
@@ -26,31 +40,84 @@ def test_the_same_daemons_as_dagster_daemon_with_the_sensor_and_queue_ones_fast(
         assert isinstance(sensor, FastSensorDaemon) and sensor.loop_seconds == DEFAULT_SENSOR_LOOP_SECONDS
         # dagster.yaml's dequeue interval, which dagster-daemon's 0.5 s sleeps would round up
         assert isinstance(queue, FastQueueDaemon) and queue.interval_seconds == 0.25
-        slower = {d.daemon_type(): d for d in pulse_daemons(instance, sensor_loop_seconds=2)}
-        assert slower["SENSOR"].loop_seconds == 2  # type: ignore[attr-defined]
+        assert sensor.idle_seconds == DEFAULT_SENSOR_IDLE_SECONDS and sensor.database_url is None
+        slower = {
+            d.daemon_type(): d
+            for d in pulse_daemons(
+                instance, sensor_loop_seconds=2, database_url="postgresql://db/x", sensor_idle_seconds=9
+            )
+        }
+        assert isinstance(fast := slower["SENSOR"], FastSensorDaemon)
+        assert (fast.loop_seconds, fast.idle_seconds, fast.database_url) == (2, 9, "postgresql://db/x")
 
 
-def test_a_sensor_loop_of_zero_is_refused() -> None:
+def test_a_sensor_loop_of_zero_or_an_idle_loop_below_it_is_refused() -> None:
     with pytest.raises(ValueError, match="sensor loop"):
         FastSensorDaemon({}, loop_seconds=0)
+    with pytest.raises(ValueError, match="idle sensor loop"):
+        FastSensorDaemon({}, loop_seconds=1, idle_seconds=0.5)
+
+
+def test_the_listener_wakes_on_a_new_pending_export_and_polls_when_it_cannot_listen(fresh_database_url: str) -> None:
+    migrations.upgrade(fresh_database_url)
+    logger = logging.getLogger("test")
+    listener = PendingJobsListener(fresh_database_url, logger)
+    try:
+        assert listener.wait(0.2) is False  # connected, nothing new
+        request = Catalog.load().validate(tenant_id="tenant-001", export_type="devices", format="csv")
+        threading.Timer(0.2, JobStore(fresh_database_url).create, (request,)).start()
+        started = time.monotonic()
+        assert listener.wait(5) is True and time.monotonic() - started < 2  # woken by the insert, not the timeout
+        JobStore(fresh_database_url).create(request, queued=True)  # launched by its creator: not the sensor's
+        assert listener.wait(0.3) is False
+    finally:
+        listener.close()
+    down = PendingJobsListener("postgresql://nobody@127.0.0.1:1/none", logger)
+    started = time.monotonic()
+    assert down.wait(0.2) is True and time.monotonic() - started >= 0.2  # cannot know: the caller polls
 
 
 @pytest.mark.slow
-def test_export_jobs_sensor_ticks_every_second_under_the_real_daemon(dagster_services: DagsterServices) -> None:
-    """dagster-daemon evaluates sensors every 5 s at most; ours every 0.5 s, so the sensor's own 1 s
-    interval is what spaces its ticks (an export row waits about a second, not up to five)."""
+def test_export_jobs_sensor_idles_at_five_seconds_and_wakes_for_a_new_export(dagster_services: DagsterServices) -> None:
+    """dagster-daemon evaluates sensors every 5 s; ours too while nothing arrives, but a new PENDING row
+    (its NOTIFY) has export_jobs_sensor tick within its 1 s interval, not up to five seconds later."""
     selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "sensorName": SENSOR}
 
-    def five_ticks() -> list[float] | None:
+    def ticks(count: int) -> list[float] | None:
         sensor = dagster_services.graphql(_TICKS, {"selector": selector})["sensorOrError"]
         assert sensor["__typename"] == "Sensor", sensor
         assert sensor["sensorState"]["status"] == "RUNNING", sensor
         stamps = sorted(float(t["timestamp"]) for t in sensor["sensorState"]["ticks"])
-        return stamps if len(stamps) == 5 else None
+        return stamps if len(stamps) >= count else None
 
-    stamps = wait_for("five ticks of export_jobs_sensor", five_ticks, dagster_services.processes, 60, 0.5)
-    gaps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
-    assert all(0.9 <= gap < 3 for gap in gaps), gaps  # >= its 1 s interval; dagster-daemon's would be >= 5 s
+    idle = wait_for("three idle ticks of export_jobs_sensor", lambda: ticks(3), dagster_services.processes, 60, 0.5)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(idle[-3:])]
+    assert all(4 <= gap < 8 for gap in gaps), gaps  # the idle loop; a 1 s poll would tick every second
+
+    # insert 1.2 s after an idle tick: the sensor's 1 s interval has passed, the next idle tick is ~4 s away
+    last = idle[-1]
+    newer = wait_for(
+        "the next idle tick",
+        lambda: [s for s in ticks(1) or [] if s > last] or None,
+        dagster_services.processes,
+        15,
+        0.1,
+    )
+    time.sleep(max(0.0, newer[0] + 1.2 - time.time()))
+    request = Catalog.load().validate(tenant_id="tenant-001", export_type="devices", format="csv")
+    inserted = time.time()
+    job, _ = JobStore(dagster_services.database_url).create(request, created_by="daemon test")
+    after = wait_for(
+        "a tick after the insert",
+        lambda: [s for s in ticks(1) or [] if s > inserted] or None,
+        dagster_services.processes,
+        10,
+        0.1,
+    )
+    assert after[0] - inserted < 1.5, after[0] - inserted  # woken: within the sensor loop, not the idle loop
+    with psycopg.connect(dagster_services.database_url) as conn:
+        row = conn.execute("SELECT status FROM export_jobs WHERE id = %s", (job.id,)).fetchone()
+    assert row is not None and row[0] != "PENDING"  # that tick requested its run
 
 
 _TICKS = """

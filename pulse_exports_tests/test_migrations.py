@@ -45,3 +45,27 @@ def test_bad_status_or_format_is_refused_by_the_table(fresh_database_url: str) -
     migrations.upgrade(fresh_database_url)
     with psycopg.connect(fresh_database_url, autocommit=True) as conn, pytest.raises(psycopg.errors.CheckViolation):
         conn.execute("INSERT INTO export_jobs (tenant_id, export_type, format) VALUES ('a', 'devices', 'xlsx')")
+
+
+def test_a_job_becoming_pending_notifies_the_daemon_once_per_transaction(fresh_database_url: str) -> None:
+    migrations.upgrade(fresh_database_url)
+    insert = "INSERT INTO export_jobs (tenant_id, export_type, format, status) VALUES ('a', 'devices', 'csv', %s)"
+    with (
+        psycopg.connect(fresh_database_url, autocommit=True) as listener,
+        psycopg.connect(fresh_database_url, autocommit=True) as conn,
+    ):
+        listener.execute("LISTEN pulse_export_jobs")
+
+        def heard() -> int:
+            return len(list(listener.notifies(timeout=0.3)))
+
+        with conn.transaction():  # two PENDING rows in one transaction: one wake-up, at commit
+            conn.execute(insert, ("PENDING",))
+            conn.execute(insert, ("PENDING",))
+        assert heard() == 1
+        queued = conn.execute(insert + " RETURNING id", ("QUEUED",)).fetchone()
+        assert queued is not None and heard() == 0  # a job someone else launches is not the sensor's
+        conn.execute("UPDATE export_jobs SET status = 'RUNNING' WHERE id = %s", queued)
+        assert heard() == 0
+        conn.execute("UPDATE export_jobs SET status = 'PENDING' WHERE id = %s", queued)  # handed back
+        assert heard() == 1

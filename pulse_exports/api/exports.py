@@ -154,6 +154,7 @@ def create_export(
             created_by=f"api-key:{tenant.api_key_id}",
             idempotency_key=idempotency_key,
             max_active_jobs=quota.max_active_jobs,
+            queued=runtime.launcher is not None,  # launched below; the sensor takes it only if that fails
         )
     except QuotaExceeded as exc:
         refusal = QuotaRefusal(quota=exc.quota, limit=exc.limit, msg=exc.message)
@@ -169,7 +170,7 @@ def create_export(
     if not estimated_first:
         estimated_rows = _estimate_rows(runtime, request)
     launch, launch_error, run_id = _launch(runtime, job)
-    current = ExportStatus.QUEUED if run_id else ExportStatus(job.status)
+    current = ExportStatus.QUEUED if run_id else ExportStatus.PENDING  # not launched: the sensor's
     return ExportCreated(
         export_id=job.id,
         status=current,
@@ -214,12 +215,11 @@ def _estimate_rows(runtime: ApiRuntime, request: ExportRequest) -> int | None:
 def _launch(runtime: ApiRuntime, job: ExportJob) -> tuple[LaunchOutcome, str | None, str | None]:
     """(outcome, error shown to the caller, run id). Failures leave the job PENDING for the sensor.
 
-    The job is QUEUED while the launch is under way: export_jobs_sensor (every second) takes PENDING jobs,
-    and would otherwise request a second run for it, one that finds nothing to claim. Should this process
-    die before it records the run, the sensor takes the job once it has been QUEUED for 5 minutes."""
+    The job was created QUEUED: export_jobs_sensor takes PENDING jobs (woken by each new one), and would
+    otherwise request a second run for it, one that finds nothing to claim. Should this process die before
+    it records the run, the sensor takes the job once it has been QUEUED for 5 minutes."""
     if runtime.launcher is None:
         return "sensor", None, None
-    runtime.jobs.mark_queued([job.id])
     try:
         run_id = runtime.launcher.launch(job)
     except DagsterUnavailable as exc:
