@@ -95,29 +95,23 @@ def test_export_jobs_sensor_idles_at_five_seconds_and_wakes_for_a_new_export(dag
     assert all(4 <= gap < 8 for gap in gaps), gaps  # the idle loop; a 1 s poll would tick every second
 
     # insert 1.2 s after an idle tick: the sensor's 1 s interval has passed, the next idle tick is ~4 s away
-    last = idle[-1]
-    newer = wait_for(
-        "the next idle tick",
-        lambda: [s for s in ticks(1) or [] if s > last] or None,
-        dagster_services.processes,
-        15,
-        0.1,
-    )
-    time.sleep(max(0.0, newer[0] + 1.2 - time.time()))
+    def first_tick_after(moment: float, what: str) -> float:
+        later = lambda: [s for s in ticks(1) or [] if s > moment] or None  # noqa: E731
+        return wait_for(what, later, dagster_services.processes, 15, 0.1)[0]
+
+    time.sleep(max(0.0, first_tick_after(idle[-1], "the next idle tick") + 1.2 - time.time()))
     request = Catalog.load().validate(tenant_id="tenant-001", export_type="devices", format="csv")
     inserted = time.time()
     job, _ = JobStore(dagster_services.database_url).create(request, created_by="daemon test")
-    after = wait_for(
-        "a tick after the insert",
-        lambda: [s for s in ticks(1) or [] if s > inserted] or None,
-        dagster_services.processes,
-        10,
-        0.1,
-    )
-    assert after[0] - inserted < 1.5, after[0] - inserted  # woken: within the sensor loop, not the idle loop
-    with psycopg.connect(dagster_services.database_url) as conn:
-        row = conn.execute("SELECT status FROM export_jobs WHERE id = %s", (job.id,)).fetchone()
-    assert row is not None and row[0] != "PENDING"  # that tick requested its run
+    woken = first_tick_after(inserted, "a tick after the insert") - inserted
+    assert woken < 1.5, woken  # woken: within the sensor loop, not the idle loop
+
+    def requested() -> str | None:  # the tick is stored when it starts; its evaluation marks the job QUEUED
+        with psycopg.connect(dagster_services.database_url) as conn:
+            row = conn.execute("SELECT status FROM export_jobs WHERE id = %s", (job.id,)).fetchone()
+        return row[0] if row and row[0] != "PENDING" else None
+
+    wait_for("the woken tick to request the export's run", requested, dagster_services.processes, 5, 0.1)
 
 
 _TICKS = """
