@@ -7,9 +7,9 @@ event storage in a fresh PostgreSQL database on the benchmark's server, as in pr
 ``run_launcher`` = ``WarmRunLauncher`` preloading ``pulse_exports.definitions`` and botocore's S3
 models), one ``dagster code-server`` serving the code location to both, as docker-compose does
 (``devstack.dagster_commands``), and the product API (``pulse-exports serve``) launching through the
-webserver's GraphQL API. ``export_jobs_sensor`` runs, every second, as in production (its ticks cost the daemon
-and code server ~45 ms of CPU each); it cannot race the in-process ticks of the sensor-model contenders for
-their rows, because a stack is paused while any other contender runs.
+webserver's GraphQL API. ``export_jobs_sensor`` runs as in production, woken by each new PENDING row and
+every 5 s besides (its ticks cost the daemon and code server ~45 ms of CPU each); it cannot race the in-process
+ticks of the sensor-model contenders for their rows, because a stack is paused while any other contender runs.
 
 One measurement: ``POST /api/v1/exports`` (the API creates the job and launches its run through
 GraphQL), or for a sensor contender an ``export_jobs`` row inserted for the sensor, then ``export_jobs`` is

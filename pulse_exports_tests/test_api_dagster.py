@@ -21,8 +21,9 @@ from .test_export_job import read_rows, source_telemetry
 
 pytestmark = pytest.mark.slow
 
-# export_jobs_sensor ticks every second here, as in production: the API's job is QUEUED while it launches,
-# so no tick requests a second run for it ("one run per export" below holds with the sensor running).
+# export_jobs_sensor runs here, as in production, woken by every new PENDING job: the API inserts its job
+# QUEUED and launches it, so no tick requests a second run for it ("one run per export" below holds with the
+# sensor running).
 
 
 @pytest.fixture

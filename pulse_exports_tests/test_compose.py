@@ -356,7 +356,7 @@ def test_pulse_exports_commands_name_real_cli_subcommands_and_get_their_options(
 
 
 def test_the_daemon_is_dagster_daemon_with_short_sensor_and_queue_loops(services):
-    # pulse-exports daemon (pulse_exports/daemon.py): export_jobs_sensor ticks every second, not every 5 s
+    # pulse-exports daemon (pulse_exports/daemon.py): woken by each new export, not a 5 s sensor loop
     assert _argv(services["dagster-daemon"]["command"])[:2] == ["pulse-exports", "daemon"]
 
 
