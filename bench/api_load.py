@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,13 +26,9 @@ from typing import Any
 
 import httpx
 
+from pulse_exports.embedded import free_port
+
 TARGET_P95_MS = 100.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -52,7 +47,7 @@ def api_server(
     database_url: str, storage_url: str, workers: int, workdir: Path, extra_env: dict[str, str]
 ) -> Iterator[str]:
     """``pulse-exports serve`` in its own process group; yields its base URL once /health answers."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PULSE_", "DAGSTER_"))}
     env.update(PULSE_DATABASE_URL=database_url, PULSE_STORAGE_URL=storage_url, **extra_env)
     log = (workdir / "api.log").open("wb")

@@ -33,8 +33,7 @@ import httpx
 import yaml
 
 from bench.measure import vm_hwm
-from pulse_exports.devstack import LOCATION_NAME as LOCATION
-from pulse_exports.devstack import code_server_ready, dagster_commands, grpc_workspace
+from pulse_exports.devstack import code_server_ready, daemons_healthy, dagster_commands, grpc_workspace, location_loaded
 from pulse_exports.processes import ServiceProcess, signal_group
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,8 +49,6 @@ WARM_LAUNCHER = {
 }
 
 
-_REPOSITORIES = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }"
-_DAEMONS = "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy } } } }"
 _JOB = (
     "SELECT status, rows_done, started_at, heartbeat_at, completed_at, run_id, row_count, file_size_bytes, error"
     " FROM export_jobs WHERE id = %s"
@@ -162,9 +159,9 @@ class WarmStack:
         self._wait("the code server to load the definitions", lambda: code_server_ready(code_port), timeout)
         # The webserver first: both would create Dagster's storage tables at once and race on its migrations.
         self.services.append(webserver.start())
-        self._wait("the webserver to load the code location", self._location_loaded, timeout)
+        self._wait("the webserver to load the code location", lambda: location_loaded(ui_url), timeout)
         self.services.append(daemon.start())
-        self._wait("the daemon's sensors and run queue", self._daemons_healthy, timeout)
+        self._wait("the daemon's sensors and run queue", lambda: daemons_healthy(ui_url), timeout)
         self.services.append(api.start())
         self._wait("the API", lambda: httpx.get(f"{self.api_url}/api/v1/health", timeout=10).status_code == 200, 60)
         key = ApiKeyStore(self.database_url).create(self.tenant, name=KEY_NAME)
@@ -198,7 +195,7 @@ class WarmStack:
             try:
                 if check():
                     return
-            except (httpx.HTTPError, ValueError, KeyError) as exc:  # not up yet
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:  # not up yet (data: null too)
                 last = exc
             time.sleep(0.25)
         raise StackFailed(f"timed out after {timeout}s waiting for {what} ({last!r})\n{self.logs()}")
@@ -218,14 +215,6 @@ class WarmStack:
         if body.get("errors"):
             raise ValueError(body["errors"])
         return dict(body["data"])
-
-    def _location_loaded(self) -> bool:
-        nodes = self.graphql(_REPOSITORIES)["repositoriesOrError"].get("nodes", [])
-        return any(n["location"]["name"] == LOCATION for n in nodes)
-
-    def _daemons_healthy(self) -> bool:
-        statuses = self.graphql(_DAEMONS)["instance"]["daemonHealth"]["allDaemonStatuses"]
-        return {"SENSOR", "QUEUED_RUN_COORDINATOR"} <= {s["daemonType"] for s in statuses if s["healthy"]}
 
     def run_tags(self, run_id: str) -> dict[str, str]:
         """The run's tags, read from the stack's SQLite run storage in this process (no webserver work)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import httpx
 
 from pulse_exports import migrations
 from pulse_exports.demo import prepare_environment
+from pulse_exports.embedded import free_port
 from pulse_exports.processes import ServiceProcess
 from pulse_exports.redact import redact
 from pulse_exports.sample_data import is_seeded, seed_demo, tenant_name
@@ -73,12 +73,14 @@ def _graphql(url: str, query: str) -> dict:
     return dict(httpx.post(f"{url}/graphql", json={"query": query}, timeout=2).json()["data"])
 
 
-def _location_loaded(url: str) -> bool:
-    answer = _graphql(url, "{ repositoriesOrError { ... on RepositoryConnection { nodes { name } } } }")
-    return bool(answer["repositoriesOrError"].get("nodes"))
+def location_loaded(url: str) -> bool:
+    """Whether the webserver at ``url`` has loaded the code location."""
+    answer = _graphql(url, "{ repositoriesOrError { ... on RepositoryConnection { nodes { location { name } } } } }")
+    return any(n["location"]["name"] == LOCATION_NAME for n in answer["repositoriesOrError"].get("nodes", []))
 
 
-def _daemon_healthy(url: str) -> bool:
+def daemons_healthy(url: str) -> bool:
+    """Whether the webserver at ``url`` sees the daemon's sensor and run-queue daemons healthy."""
     answer = _graphql(url, "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy } } } }")
     healthy = {s["daemonType"] for s in answer["instance"]["daemonHealth"]["allDaemonStatuses"] if s["healthy"]}
     return {"SENSOR", "QUEUED_RUN_COORDINATOR"} <= healthy
@@ -99,12 +101,6 @@ def _wait(what: str, check: Callable[[], bool], services: list[ServiceProcess], 
     raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -121,7 +117,7 @@ def run_dev_stack(home: Path, *, api_port: int, dagster_port: int, telemetry_row
     migrations.upgrade(database_url)
     if not is_seeded(source_url):
         seed_demo(source_url, tenants=3, devices=600, telemetry_rows=telemetry_rows)
-    code_port = _free_port()
+    code_port = free_port()
     workspace = home / "workspace.yaml"
     workspace.write_text(grpc_workspace(code_port))
     dagster_url = f"http://127.0.0.1:{dagster_port}"
@@ -137,8 +133,8 @@ def run_dev_stack(home: Path, *, api_port: int, dagster_port: int, telemetry_row
         code_server, webserver, daemon = services
         _wait("the code server", lambda: code_server_ready(code_port), [code_server.start()], 180)
         # the webserver first: both would create the SQLite storage at once and race on its migrations
-        _wait("the Dagster webserver", lambda: _location_loaded(dagster_url), [code_server, webserver.start()], 120)
-        _wait("the Dagster daemon", lambda: _daemon_healthy(dagster_url), [*services[:2], daemon.start()], 120)
+        _wait("the Dagster webserver", lambda: location_loaded(dagster_url), [code_server, webserver.start()], 120)
+        _wait("the Dagster daemon", lambda: daemons_healthy(dagster_url), [*services[:2], daemon.start()], 120)
         key = ApiKeyStore(database_url).create(tenant_name(1), name="pulse-exports dev")
         api_url = f"http://127.0.0.1:{api_port}"
         print(

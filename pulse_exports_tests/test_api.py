@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import socket
 import threading
 import time
 import uuid
@@ -32,6 +31,7 @@ from pulse_exports.api.settings import ApiSettings
 from pulse_exports.apikeys import ApiKeyStore
 from pulse_exports.cli import main as cli_main
 from pulse_exports.client import PulseExportsClient, PulseExportsError
+from pulse_exports.embedded import free_port
 from pulse_exports.local_runs import execute_export_run, tick_export_sensor
 from pulse_exports.resources import ExportStorage
 from pulse_exports.sensors import STALE_QUEUED_AFTER
@@ -42,12 +42,6 @@ from .test_export_job import read_rows, source_telemetry
 
 TENANT = "tenant-002"
 OTHER = "tenant-001"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
