@@ -44,9 +44,9 @@ def memory_status(pid: int | str = "self") -> tuple[int, int]:
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
-                name = line.split(maxsplit=1)[0] if line.strip() else ""
-                if name in fields:
-                    fields[name] = int(line.split()[1]) * 1024
+                parts = line.split()
+                if parts and parts[0] in fields:
+                    fields[parts[0]] = int(parts[1]) * 1024
     except (FileNotFoundError, ProcessLookupError):
         pass
     return fields["VmHWM:"], fields["RssAnon:"]

@@ -120,15 +120,15 @@ class FastSensorDaemon(SensorDaemon):
         try:
             while not shutdown_event.is_set():
                 yield from self._iteration(workspace_process_context, tick_futures)
-                started = time.monotonic()
-                idle = listener is not None and started >= hot_until
-                deadline = started + (self.idle_seconds if idle else self.loop_seconds)
+                ended = time.monotonic()
+                idle = listener is not None and ended >= hot_until
+                deadline = ended + (self.idle_seconds if idle else self.loop_seconds)
                 while not shutdown_event.is_set() and (left := deadline - time.monotonic()) > 0:
                     if listener is None:
                         shutdown_event.wait(left)
                     elif listener.wait(min(left, self.loop_seconds)):
                         hot_until = time.monotonic() + HOT_SECONDS
-                        deadline = min(deadline, started + self.loop_seconds)
+                        deadline = min(deadline, ended + self.loop_seconds)
                 yield None
         finally:
             if listener is not None:

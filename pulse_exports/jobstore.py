@@ -459,7 +459,7 @@ class JobStore(PostgresStore):
     # -- the product API ------------------------------------------------------------------
     def release_to_sensor(self, job_id: uuid.UUID) -> bool:
         """QUEUED without a run -> PENDING: the API's launch failed, so ``export_jobs_sensor`` takes the job.
-        (The API marks a job QUEUED before it launches, so the sensor leaves it alone meanwhile.)"""
+        (The API creates the jobs it launches QUEUED, ``create(queued=True)``, so the sensor leaves them alone.)"""
         with self.connect() as conn:
             cur = conn.execute(
                 "UPDATE export_jobs SET status = 'PENDING', queued_at = NULL"
