@@ -15,6 +15,10 @@ and workspace, with two of them replaced by subclasses that only change how long
   is down, the loop runs every ``sensor_loop_seconds``.
 - ``FastQueueDaemon`` sleeps exactly until its next dequeue, so ``run_coordinator``'s
   ``dequeue_interval_seconds`` may go below 0.5 s (``FastQueuedRunCoordinator``; dagster.yaml says 0.25).
+  A run queued meanwhile wakes it at once: one this process submits (a sensor's, the scheduler's, a retry),
+  through ``RUN_QUEUED`` (set by ``FastQueuedRunCoordinator.submit_run``), and one the API launched, through
+  ``NOTIFY pulse_runs_queued`` on the sensor daemon's LISTEN connection. Runs launched from the UI wait for
+  the interval.
 
 Everything else is ``dagster-daemon run``'s: the daemon types and heartbeats (the UI's daemon status), the
 scheduler, run monitoring and retries, the queue's concurrency limits. A deployment that keeps
@@ -42,16 +46,20 @@ from dagster._daemon.sensor import execute_sensor_iteration
 from dagster._daemon.utils import DaemonErrorCapture
 from dagster._utils.error import serializable_error_info_from_exc_info
 
+from pulse_exports.run_coordinator import RUN_QUEUED
+
 DEFAULT_SENSOR_LOOP_SECONDS = 0.5
 DEFAULT_SENSOR_IDLE_SECONDS = 5.0
 HOT_SECONDS = 2.0  # after a wake-up: export_jobs_sensor may have ticked just before, and is due 1 s after that
 NOTIFY_CHANNEL = "pulse_export_jobs"  # migrations/0006_export_jobs_notify.sql
+RUNS_QUEUED_CHANNEL = "pulse_runs_queued"  # JobStore.mark_launched: the API queued a run through GraphQL
+MIN_DEQUEUE_GAP_SECONDS = 0.05  # a burst of wake-ups still leaves this between two dequeues
 RECONNECT_SECONDS = 5.0
 
 
 class PendingJobsListener:
-    """``LISTEN pulse_export_jobs`` on a connection of its own, opened on first use and reopened after a
-    failure (at most every 5 s). Used by one thread."""
+    """``LISTEN pulse_export_jobs`` (and ``pulse_runs_queued``) on a connection of its own, opened on first use
+    and reopened after a failure (at most every 5 s). Used by one thread."""
 
     def __init__(self, database_url: str, logger: logging.Logger) -> None:
         self._url = database_url
@@ -61,13 +69,17 @@ class PendingJobsListener:
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for a job to become PENDING. Also True (after the wait) while the connection
-        is down: the caller cannot know, so it polls."""
+        is down: the caller cannot know, so it polls. A run queued by the API meanwhile sets ``RUN_QUEUED``."""
         conn = self._connection()
         if conn is None:
             time.sleep(timeout)
             return True
         try:
-            return any(True for _ in conn.notifies(timeout=timeout, stop_after=1))
+            for notify in conn.notifies(timeout=timeout):
+                if notify.channel == NOTIFY_CHANNEL:
+                    return True
+                RUN_QUEUED.set()  # RUNS_QUEUED_CHANNEL: the queue daemon dequeues it now
+            return False
         except psycopg.Error as exc:
             self._logger.warning("lost the LISTEN connection (%s); polling until it is back", exc)
             self.close()
@@ -79,6 +91,7 @@ class PendingJobsListener:
             try:
                 self._conn = psycopg.connect(self._url, autocommit=True, connect_timeout=5)
                 self._conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                self._conn.execute(f"LISTEN {RUNS_QUEUED_CHANNEL}")
             except psycopg.Error as exc:
                 self._logger.warning("cannot LISTEN for new exports (%s); polling every loop", exc)
                 self.close()
@@ -155,11 +168,13 @@ class FastSensorDaemon(SensorDaemon):
 
 
 class FastQueueDaemon(QueuedRunCoordinatorDaemon):
-    """Dagster's run-queue daemon, sleeping exactly until its next dequeue (not in 0.5 s steps)."""
+    """Dagster's run-queue daemon, sleeping exactly until its next dequeue (not in 0.5 s steps), or until a run
+    is queued (``RUN_QUEUED``)."""
 
     def core_loop(self, workspace_process_context: IWorkspaceProcessContext, shutdown_event: Event) -> Iterator[Any]:
         while not shutdown_event.is_set():
             started = time.monotonic()
+            RUN_QUEUED.clear()  # a run queued from here on wakes the next dequeue, even during this one
             yield SpanMarker.START_SPAN
             try:
                 yield from self.run_iteration(workspace_process_context)
@@ -168,7 +183,11 @@ class FastQueueDaemon(QueuedRunCoordinatorDaemon):
                 self._logger.error("Caught error:\n%s", error_info)
                 yield error_info
             yield SpanMarker.END_SPAN
-            shutdown_event.wait(max(0.0, self.interval_seconds - (time.monotonic() - started)))
+            deadline = started + self.interval_seconds
+            while not shutdown_event.is_set() and (left := deadline - time.monotonic()) > 0:
+                if RUN_QUEUED.wait(min(left, DEFAULT_SENSOR_LOOP_SECONDS)):  # short waits: shutdown stays prompt
+                    shutdown_event.wait(max(0.0, started + MIN_DEQUEUE_GAP_SECONDS - time.monotonic()))
+                    break
             yield None
 
 

@@ -470,13 +470,17 @@ class JobStore(PostgresStore):
 
     def mark_launched(self, job_id: uuid.UUID, run_id: str) -> bool:
         """PENDING/QUEUED -> QUEUED with the run the API launched through GraphQL, so a cancel can
-        terminate it before it starts. The claim overwrites run_id with the run that does the work."""
+        terminate it before it starts. The claim overwrites run_id with the run that does the work.
+
+        Then ``NOTIFY pulse_runs_queued``: ``pulse-exports daemon`` dequeues the run at once
+        instead of at its next look at the queue."""
         with self.connect() as conn:
             cur = conn.execute(
                 "UPDATE export_jobs SET status = 'QUEUED', queued_at = coalesce(queued_at, now()), run_id = %s"
                 " WHERE id = %s AND status IN ('PENDING', 'QUEUED')",
                 (run_id, job_id),
             )
+            conn.execute("SELECT pg_notify('pulse_runs_queued', '')")
             return cur.rowcount == 1
 
     # -- callbacks ------------------------------------------------------------------------

@@ -8,18 +8,28 @@ subclass accepts a fractional interval (dagster.yaml: 0.25 s). ``dagster-daemon 
 that takes effect; ``pulse-exports daemon`` (``pulse_exports.daemon.FastQueueDaemon``) sleeps exactly the
 interval. An iteration is one query of the queued runs, cheap at that rate. Everything else (the tenant
 limits under ``concurrency:``) is Dagster's unchanged.
+
+Under ``pulse-exports daemon`` a queued run need not wait for the next dequeue: ``submit_run`` sets
+``RUN_QUEUED`` in the process that queued it (the daemon itself, for the runs its sensors request), and the
+API's launches reach the daemon as ``NOTIFY pulse_runs_queued`` (``JobStore.mark_launched``); either wakes
+``FastQueueDaemon`` at once.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
-from dagster import Field, QueuedRunCoordinator
+from dagster import DagsterRun, Field, QueuedRunCoordinator
 from dagster._config.config_schema import UserConfigSchema
+from dagster._core.run_coordinator import SubmitRunContext
 from dagster._serdes.config_class import ConfigurableClassData
 
 DEFAULT_DEQUEUE_INTERVAL_SECONDS = 0.5
+# Set when this process queues a run, or when pulse-exports daemon hears that another one did; FastQueueDaemon
+# clears it before each dequeue.
+RUN_QUEUED = threading.Event()
 
 
 class FastQueuedRunCoordinator(QueuedRunCoordinator):
@@ -35,6 +45,11 @@ class FastQueuedRunCoordinator(QueuedRunCoordinator):
     @property
     def dequeue_interval_seconds(self) -> float:  # type: ignore[override]  # int in the base class
         return self._dequeue_interval
+
+    def submit_run(self, context: SubmitRunContext) -> DagsterRun:
+        run = super().submit_run(context)
+        RUN_QUEUED.set()
+        return run
 
     @classmethod
     def config_type(cls) -> UserConfigSchema:

@@ -9,12 +9,15 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import httpx
 import psycopg
 import pytest
+import yaml
 from dagster._core.instance.ref import InstanceRef
 from dagster._daemon.controller import create_daemons_from_instance
 
 from pulse_exports import migrations
+from pulse_exports.apikeys import ApiKeyStore
 from pulse_exports.catalog import Catalog
 from pulse_exports.daemon import (
     DEFAULT_SENSOR_IDLE_SECONDS,
@@ -25,9 +28,23 @@ from pulse_exports.daemon import (
     pulse_daemons,
 )
 from pulse_exports.jobstore import JobStore
-from pulse_exports_tests.dagster_processes import LOCATION, REPOSITORY, DagsterServices, instance_yaml, wait_for
+from pulse_exports.run_coordinator import RUN_QUEUED
+from pulse_exports_tests.dagster_processes import (
+    LOCATION,
+    PRODUCTION_DAGSTER_YAML,
+    REPOSITORY,
+    ApiProcess,
+    DagsterServices,
+    instance_yaml,
+    wait_for,
+)
 
 SENSOR = "export_jobs_sensor"
+# The services of this module look at the run queue every 10 minutes: a run that starts within seconds was
+# dequeued because it woke the queue daemon.
+SLOW_DEQUEUE_SECONDS = 600.0
+_coordinator = yaml.safe_load(PRODUCTION_DAGSTER_YAML.read_text())["run_coordinator"]
+DAGSTER_INSTANCE = {"run_coordinator": {**_coordinator, "config": {"dequeue_interval_seconds": SLOW_DEQUEUE_SECONDS}}}
 
 
 def test_the_same_daemons_as_dagster_daemon_with_the_sensor_and_queue_ones_fast(tmp_path: Path) -> None:
@@ -68,9 +85,14 @@ def test_the_listener_wakes_on_a_new_pending_export_and_polls_when_it_cannot_lis
         threading.Timer(0.2, JobStore(fresh_database_url).create, (request,)).start()
         started = time.monotonic()
         assert listener.wait(5) is True and time.monotonic() - started < 2  # woken by the insert, not the timeout
-        JobStore(fresh_database_url).create(request, queued=True)  # launched by its creator: not the sensor's
-        assert listener.wait(0.3) is False
+        launched, _ = JobStore(fresh_database_url).create(request, queued=True)  # launched by its creator
+        RUN_QUEUED.clear()
+        assert listener.wait(0.3) is False and not RUN_QUEUED.is_set()  # not the sensor's, and no run yet
+        JobStore(fresh_database_url).mark_launched(launched.id, "run-1")  # its run is in Dagster's queue
+        assert listener.wait(0.5) is False  # the sensor stays asleep ...
+        assert RUN_QUEUED.is_set()  # ... and the queue daemon dequeues now
     finally:
+        RUN_QUEUED.clear()
         listener.close()
     down = PendingJobsListener("postgresql://nobody@127.0.0.1:1/none", logger)
     started = time.monotonic()
@@ -112,6 +134,36 @@ def test_export_jobs_sensor_idles_at_five_seconds_and_wakes_for_a_new_export(dag
         return row[0] if row and row[0] != "PENDING" else None
 
     wait_for("the woken tick to request the export's run", requested, dagster_services.processes, 5, 0.1)
+
+
+@pytest.mark.slow
+def test_a_queued_run_wakes_the_queue_daemon_from_the_sensor_and_from_the_api(
+    dagster_services: DagsterServices, api_process: ApiProcess
+) -> None:
+    """With the queue looked at every 10 minutes, runs still start at once: the sensor's submit wakes the queue
+    daemon in its own process, the API's launch through its NOTIFY."""
+
+    def leaves_the_queue(export_id: str) -> str:
+        def started() -> list[str] | None:
+            statuses = [run["status"] for run in dagster_services.runs_for_export(export_id)]
+            return statuses if statuses and "QUEUED" not in statuses else None
+
+        return wait_for(f"the run of {export_id} to leave the queue", started, dagster_services.processes, 30, 0.2)[0]
+
+    request = Catalog.load().validate(tenant_id="tenant-002", export_type="devices", format="csv")
+    by_sensor, _ = JobStore(dagster_services.database_url).create(request, created_by="daemon test")
+    assert leaves_the_queue(str(by_sensor.id)) in ("STARTING", "STARTED", "SUCCESS")
+    # Only now: a dequeue for the sensor's run must not be what starts the API's.
+    secret = ApiKeyStore(dagster_services.database_url).create("tenant-002", name="daemon test").secret
+    posted = httpx.post(
+        f"{api_process.url}/api/v1/exports",
+        json={"export_type": "devices", "format": "csv"},
+        headers={"Authorization": f"Bearer {secret}"},
+        timeout=60,
+    )
+    assert posted.status_code == 202, posted.text
+    assert posted.json()["launch"] == "launched"
+    assert leaves_the_queue(posted.json()["export_id"]) in ("STARTING", "STARTED", "SUCCESS")
 
 
 _TICKS = """
