@@ -277,7 +277,7 @@ def targets(summary: list[dict[str, Any]], main_rows: int) -> list[tuple[str, st
         worst = max(r["first_row"][2] for r in file_rows("warm"))
         out.append(
             (
-                graphql + " (warm launcher, 0.25 s dequeue interval)",
+                graphql + " (warm launcher; the launch wakes the queue daemon)",
                 f"{first:.2f} s (file store, median of the warm contenders; slowest run of any warm contender "
                 f"{worst:.2f} s)",
                 verdict(first < 1),
@@ -323,10 +323,12 @@ def markdown(results: dict[str, Any], summary: list[dict[str, Any]], images: lis
             "`DefaultRunLauncher`: the benchmark inserts the job, ticks `export_jobs_sensor` itself and starts a "
             "new Python process for the run. **… API + warm launcher** is the product path with "
             "`WarmRunLauncher`: `POST /api/v1/exports` to a running `pulse-exports serve`, which launches the run "
-            "through `dagster-webserver`'s GraphQL API; `pulse-exports daemon` dequeues it (every 0.25 s) and forks "
+            "through `dagster-webserver`'s GraphQL API; `pulse-exports daemon` dequeues it (woken by the API's "
+            "`NOTIFY pulse_runs_queued`; otherwise it looks every 0.25 s) and forks "
             "the run worker from its pre-imported zygote. **… sensor + warm launcher** is the same deployment for "
             "an export that another producer inserts as a bare `export_jobs` row: the daemon's "
-            "`export_jobs_sensor` (woken by the row's NOTIFY; 1 s minimum interval) requests its run. Their clock "
+            "`export_jobs_sensor` (woken by the row's NOTIFY; 1 s minimum interval) requests its run, and its submit "
+            "wakes the queue daemon in the same process. Their clock "
             "runs from the "
             "POST (or the insert) to `COMPLETED` seen in `export_jobs` (polled every 20 ms); first row is the "
             "first progress report, written right after the first batch reached the part writer. Seconds from the "

@@ -3,7 +3,8 @@
 A ``WarmStack`` is one deployment on loopback, started once per (database, store) and stopped with the
 benchmark: ``dagster-webserver`` and ``pulse-exports daemon`` over a temporary ``DAGSTER_HOME`` (run and
 event storage in a fresh PostgreSQL database on the benchmark's server, as in production; the production
-``concurrency`` limits and ``run_retries``, ``FastQueuedRunCoordinator`` dequeuing every 0.25 s,
+``concurrency`` limits and ``run_retries``, ``FastQueuedRunCoordinator`` dequeuing every 0.25 s and at once
+for the runs the API or the sensor queue,
 ``run_launcher`` = ``WarmRunLauncher`` preloading ``pulse_exports.definitions`` and botocore's S3
 models), one ``dagster code-server`` serving the code location to both, as docker-compose does
 (``devstack.dagster_commands``), and the product API (``pulse-exports serve``) launching through the
