@@ -8,7 +8,8 @@ and workspace, with two of them replaced by subclasses that only change how long
 
 - ``FastSensorDaemon`` LISTENs on ``pulse_export_jobs`` (migration 0006 notifies it when a job becomes
   PENDING) and runs the sensor iteration at once on a notification, then every ``sensor_loop_seconds``
-  (0.5 s) for 2 s; otherwise every ``sensor_idle_seconds`` (5 s, Dagster's own loop). Each sensor still ticks
+  (0.5 s) for up to 2 s, until ``export_jobs_sensor`` has ticked since the notification; otherwise every
+  ``sensor_idle_seconds`` (5 s, Dagster's own loop). Each sensor still ticks
   no more often than its ``minimum_interval_seconds``; ``export_jobs_sensor`` asks for 1 s. So a new export
   starts within a fraction of a second, and an idle deployment does not pay for a sensor tick every second
   (~45 ms of CPU each, in the daemon and the code server). Without a database URL, or while its connection
@@ -38,6 +39,7 @@ from typing import Any
 
 import psycopg
 from dagster import DagsterInstance
+from dagster._core.scheduler.instigation import InstigatorType, SensorInstigatorData
 from dagster._core.workspace.context import IWorkspaceProcessContext
 from dagster._daemon.controller import create_daemon_of_type
 from dagster._daemon.daemon import DagsterDaemon, SensorDaemon, SpanMarker
@@ -51,6 +53,7 @@ from pulse_exports.run_coordinator import RUN_QUEUED
 DEFAULT_SENSOR_LOOP_SECONDS = 0.5
 DEFAULT_SENSOR_IDLE_SECONDS = 5.0
 HOT_SECONDS = 2.0  # after a wake-up: export_jobs_sensor may have ticked just before, and is due 1 s after that
+EXPORT_SENSOR = "export_jobs_sensor"  # the sensor a NOTIFY is for (pulse_exports.sensors)
 NOTIFY_CHANNEL = "pulse_export_jobs"  # migrations/0006_export_jobs_notify.sql
 RUNS_QUEUED_CHANNEL = "pulse_runs_queued"  # JobStore.mark_launched: the API queued a run through GraphQL
 MIN_DEQUEUE_GAP_SECONDS = 0.05  # a burst of wake-ups still leaves this between two dequeues
@@ -130,17 +133,20 @@ class FastSensorDaemon(SensorDaemon):
         tick_futures: dict[str, Future] = {}
         listener = PendingJobsListener(self.database_url, self._logger) if self.database_url else None
         hot_until = 0.0
+        woken_at: float | None = None  # wall-clock time of the last wake-up not yet answered by a tick
         try:
             while not shutdown_event.is_set():
                 yield from self._iteration(workspace_process_context, tick_futures)
                 ended = time.monotonic()
+                if woken_at is not None and _ticked_since(workspace_process_context.instance, woken_at):
+                    hot_until, woken_at = 0.0, None  # answered: further ticks would find nothing new
                 idle = listener is not None and ended >= hot_until
                 deadline = ended + (self.idle_seconds if idle else self.loop_seconds)
                 while not shutdown_event.is_set() and (left := deadline - time.monotonic()) > 0:
                     if listener is None:
                         shutdown_event.wait(left)
                     elif listener.wait(min(left, self.loop_seconds)):
-                        hot_until = time.monotonic() + HOT_SECONDS
+                        hot_until, woken_at = time.monotonic() + HOT_SECONDS, time.time()
                         deadline = min(deadline, ended + self.loop_seconds)
                 yield None
         finally:
@@ -165,6 +171,22 @@ class FastSensorDaemon(SensorDaemon):
                 exc_info=sys.exc_info(), logger=self._logger, log_message="SensorDaemon caught an error"
             )
         yield SpanMarker.END_SPAN
+
+
+def _ticked_since(instance: DagsterInstance, moment: float) -> bool:
+    """Whether ``export_jobs_sensor`` started a tick at or after ``moment`` (a wall-clock time). False when that
+    cannot be told (no stored state yet, a storage error): the caller keeps looking."""
+    try:
+        states = instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
+    except Exception:
+        return False
+    for state in states:
+        data = state.instigator_data
+        if state.instigator_name == EXPORT_SENSOR and isinstance(data, SensorInstigatorData):
+            started = data.last_tick_start_timestamp or data.last_tick_timestamp
+            if started is not None and started >= moment:
+                return True
+    return False
 
 
 class FastQueueDaemon(QueuedRunCoordinatorDaemon):

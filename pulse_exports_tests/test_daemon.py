@@ -134,6 +134,11 @@ def test_export_jobs_sensor_idles_at_five_seconds_and_wakes_for_a_new_export(dag
         return row[0] if row and row[0] != "PENDING" else None
 
     wait_for("the woken tick to request the export's run", requested, dagster_services.processes, 5, 0.1)
+    # Answered by that tick, the daemon goes back to its idle loop: no more ticks for the next few seconds
+    # (it used to stay on the 0.5 s loop for 2 s, and the 1 s sensor ticked again once or twice, for nothing).
+    time.sleep(max(0.0, inserted + 3.5 - time.time()))
+    after = [stamp for stamp in ticks(1) or [] if stamp > inserted]
+    assert len(after) == 1, [round(stamp - inserted, 2) for stamp in after]
 
 
 @pytest.mark.slow
