@@ -8,7 +8,8 @@ and workspace, with two of them replaced by subclasses that only change how long
 
 - ``FastSensorDaemon`` LISTENs on ``pulse_export_jobs`` (migration 0006 notifies it when a job becomes
   PENDING) and runs the sensor iteration at once on a notification, then every ``sensor_loop_seconds``
-  (0.5 s) for up to 2 s, until ``export_jobs_sensor`` has ticked since the notification; otherwise every
+  (0.5 s) for up to 2 s, until ``export_jobs_sensor`` has ticked since the notification (if it ticked just
+  before, the next iteration comes as soon as its minimum interval allows); otherwise every
   ``sensor_idle_seconds`` (5 s, Dagster's own loop). Each sensor still ticks
   no more often than its ``minimum_interval_seconds``; ``export_jobs_sensor`` asks for 1 s. So a new export
   starts within a fraction of a second, and an idle deployment does not pay for a sensor tick every second
@@ -138,10 +139,14 @@ class FastSensorDaemon(SensorDaemon):
             while not shutdown_event.is_set():
                 yield from self._iteration(workspace_process_context, tick_futures)
                 ended = time.monotonic()
-                if woken_at is not None and _ticked_since(workspace_process_context.instance, woken_at):
-                    hot_until, woken_at = 0.0, None  # answered: further ticks would find nothing new
+                wait: float | None = self.loop_seconds
+                if woken_at is not None:
+                    tick = _export_sensor_tick(workspace_process_context.instance)
+                    wait = next_look(tick, woken_at, time.time(), self.loop_seconds)
+                    if wait is None:  # answered: further ticks would find nothing new
+                        hot_until, woken_at = 0.0, None
                 idle = listener is not None and ended >= hot_until
-                deadline = ended + (self.idle_seconds if idle else self.loop_seconds)
+                deadline = ended + (self.idle_seconds if idle or wait is None else wait)
                 while not shutdown_event.is_set() and (left := deadline - time.monotonic()) > 0:
                     if listener is None:
                         shutdown_event.wait(left)
@@ -173,20 +178,32 @@ class FastSensorDaemon(SensorDaemon):
         yield SpanMarker.END_SPAN
 
 
-def _ticked_since(instance: DagsterInstance, moment: float) -> bool:
-    """Whether ``export_jobs_sensor`` started a tick at or after ``moment`` (a wall-clock time). False when that
-    cannot be told (no stored state yet, a storage error): the caller keeps looking."""
+def next_look(tick: tuple[float, int] | None, woken_at: float, now: float, loop_seconds: float) -> float | None:
+    """After a sensor iteration that followed a wake-up at ``woken_at``: None when ``export_jobs_sensor`` has
+    ticked since (``tick``: its last tick and minimum interval), else the seconds until the next iteration:
+    the loop's, or less when the sensor may tick again sooner (it ticked just before the wake-up)."""
+    if tick is None:
+        return loop_seconds
+    last, min_interval = tick
+    if last >= woken_at:
+        return None
+    due_in = last + min_interval - now
+    return min(loop_seconds, due_in + 0.01) if due_in > 0 else loop_seconds
+
+
+def _export_sensor_tick(instance: DagsterInstance) -> tuple[float, int] | None:
+    """When ``export_jobs_sensor`` last ticked (wall clock, as Dagster counts it for the minimum interval) and
+    that interval; None when it cannot be told (no stored state yet, a storage error)."""
     try:
         states = instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
     except Exception:
-        return False
+        return None
     for state in states:
         data = state.instigator_data
         if state.instigator_name == EXPORT_SENSOR and isinstance(data, SensorInstigatorData):
-            started = data.last_tick_start_timestamp or data.last_tick_timestamp
-            if started is not None and started >= moment:
-                return True
-    return False
+            last = max(data.last_tick_timestamp or 0.0, data.last_tick_start_timestamp or 0.0)
+            return (last, data.min_interval or 0) if last else None
+    return None
 
 
 class FastQueueDaemon(QueuedRunCoordinatorDaemon):

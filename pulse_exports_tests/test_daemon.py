@@ -25,6 +25,7 @@ from pulse_exports.daemon import (
     FastQueueDaemon,
     FastSensorDaemon,
     PendingJobsListener,
+    next_look,
     pulse_daemons,
 )
 from pulse_exports.jobstore import JobStore
@@ -73,6 +74,16 @@ def test_a_sensor_loop_of_zero_or_an_idle_loop_below_it_is_refused() -> None:
         FastSensorDaemon({}, loop_seconds=0)
     with pytest.raises(ValueError, match="idle sensor loop"):
         FastSensorDaemon({}, loop_seconds=1, idle_seconds=0.5)
+
+
+def test_after_a_wake_up_the_sensor_loop_looks_again_until_export_jobs_sensor_has_ticked() -> None:
+    woken = 1000.0
+    assert next_look((woken + 0.01, 1), woken, woken + 0.1, 0.5) is None  # it ticked since: back to idle
+    # it ticked just before the wake-up: look again as soon as it may tick, or after the loop if that is sooner
+    assert next_look((woken - 0.7, 1), woken, woken + 0.1, 0.5) == pytest.approx(0.21)  # due at woken + 0.3
+    assert next_look((woken - 0.3, 1), woken, woken + 0.1, 0.5) == 0.5  # due at woken + 0.7
+    assert next_look((woken - 9.0, 1), woken, woken + 0.1, 0.5) == 0.5  # due long ago (stopped? a tick in flight)
+    assert next_look(None, woken, woken + 0.1, 0.5) == 0.5  # no stored state yet
 
 
 def test_the_listener_wakes_on_a_new_pending_export_and_polls_when_it_cannot_listen(fresh_database_url: str) -> None:
