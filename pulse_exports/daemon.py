@@ -49,6 +49,7 @@ from dagster._daemon.sensor import execute_sensor_iteration
 from dagster._daemon.utils import DaemonErrorCapture
 from dagster._utils.error import serializable_error_info_from_exc_info
 
+from pulse_exports.jobstore import RUNS_QUEUED_CHANNEL
 from pulse_exports.run_coordinator import RUN_QUEUED
 
 DEFAULT_SENSOR_LOOP_SECONDS = 0.5
@@ -56,8 +57,8 @@ DEFAULT_SENSOR_IDLE_SECONDS = 5.0
 HOT_SECONDS = 2.0  # after a wake-up: export_jobs_sensor may have ticked just before, and is due 1 s after that
 EXPORT_SENSOR = "export_jobs_sensor"  # the sensor a NOTIFY is for (pulse_exports.sensors)
 NOTIFY_CHANNEL = "pulse_export_jobs"  # migrations/0006_export_jobs_notify.sql
-RUNS_QUEUED_CHANNEL = "pulse_runs_queued"  # JobStore.mark_launched: the API queued a run through GraphQL
 MIN_DEQUEUE_GAP_SECONDS = 0.05  # a burst of wake-ups still leaves this between two dequeues
+SHUTDOWN_CHECK_SECONDS = 0.5  # the queue daemon waits for a queued run in steps this long: shutdown stays prompt
 RECONNECT_SECONDS = 5.0
 
 
@@ -224,7 +225,7 @@ class FastQueueDaemon(QueuedRunCoordinatorDaemon):
             yield SpanMarker.END_SPAN
             deadline = started + self.interval_seconds
             while not shutdown_event.is_set() and (left := deadline - time.monotonic()) > 0:
-                if RUN_QUEUED.wait(min(left, DEFAULT_SENSOR_LOOP_SECONDS)):  # short waits: shutdown stays prompt
+                if RUN_QUEUED.wait(min(left, SHUTDOWN_CHECK_SECONDS)):
                     shutdown_event.wait(max(0.0, started + MIN_DEQUEUE_GAP_SECONDS - time.monotonic()))
                     break
             yield None

@@ -25,6 +25,8 @@ ACTIVE = ("PENDING", "QUEUED", "RUNNING")
 _ACTIVE_JOBS_LOCK = 0x7073_6171  # "psaq"
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "EXPIRED")
 MAX_ERROR_LENGTH = 2000
+# NOTIFY channel for a run the API has just queued in Dagster; `pulse-exports daemon` LISTENs on it.
+RUNS_QUEUED_CHANNEL = "pulse_runs_queued"
 
 
 @dataclass(frozen=True)
@@ -480,7 +482,7 @@ class JobStore(PostgresStore):
                 " WHERE id = %s AND status IN ('PENDING', 'QUEUED')",
                 (run_id, job_id),
             )
-            conn.execute("SELECT pg_notify('pulse_runs_queued', '')")
+            conn.execute("SELECT pg_notify(%s, '')", (RUNS_QUEUED_CHANNEL,))
             return cur.rowcount == 1
 
     # -- callbacks ------------------------------------------------------------------------
