@@ -22,6 +22,9 @@ and workspace, with two of them replaced by subclasses that only change how long
   ``NOTIFY pulse_runs_queued`` on the sensor daemon's LISTEN connection. Runs launched from the UI wait for
   the interval.
 
+Its instance also holds its storage connections (``instance_storage.hold_storage_connections``): with
+dagster-postgres' default of one connection per query, these loops opened ~30 PostgreSQL sessions a second.
+
 Everything else is ``dagster-daemon run``'s: the daemon types and heartbeats (the UI's daemon status), the
 scheduler, run monitoring and retries, the queue's concurrency limits. A deployment that keeps
 ``dagster-daemon run`` (e.g. Dagster's Helm chart) works unchanged, at Dagster's loop times.
@@ -49,6 +52,7 @@ from dagster._daemon.sensor import execute_sensor_iteration
 from dagster._daemon.utils import DaemonErrorCapture
 from dagster._utils.error import serializable_error_info_from_exc_info
 
+from pulse_exports.instance_storage import hold_storage_connections
 from pulse_exports.jobstore import RUNS_QUEUED_CHANNEL
 from pulse_exports.run_coordinator import RUN_QUEUED
 
@@ -276,6 +280,7 @@ def run_daemon(
     setup_interrupt_handlers()  # SIGTERM -> KeyboardInterrupt, as dagster-daemon
     try:
         with capture_interrupts(), get_instance_for_cli() as instance:
+            hold_storage_connections(instance)  # its loops query many times a second: one connection, not one each
             with daemon_controller_from_instance(
                 instance,
                 workspace_load_target=workspace_opts_to_load_target(workspace_opts),

@@ -9,7 +9,8 @@ once, then waits on a socket. For each run it forks; the child leaves the zygote
 (``setsid``, so it survives a restart of the daemon and is signalled as a group) and runs the run
 exactly as ``dagster api execute_run`` does (``_execute_run_command_body``: instance from the daemon's
 ref, job reconstructed from the run's ``job_code_origin``, ``core_execute_run``), with Dagster's run
-cancellation thread watching for CANCELING. The zygote answers with the child's pid, which the launcher
+cancellation thread watching for CANCELING, and with its storage connections held for the run
+(``instance_storage``). The zygote answers with the child's pid, which the launcher
 stores as run tags (``pulse/worker_pid``, ``pulse/worker_host``, ``pulse/worker_start``) for
 ``terminate`` (SIGTERM to the worker's group: Dagster's interrupt handling marks the run CANCELED) and
 ``check_run_worker_health`` (RUNNING while that process lives, else FAILED, so run monitoring fails a
@@ -484,9 +485,12 @@ def run_worker(run_id: str, instance_ref: str) -> int:
     from dagster._serdes import deserialize_value
     from dagster._utils.interrupts import capture_interrupts, setup_interrupt_handlers
 
+    from pulse_exports.instance_storage import hold_storage_connections
+
     setup_interrupt_handlers()  # SIGTERM -> SIGINT, as in Dagster's gRPC server and daemon
     with capture_interrupts():
         with get_instance_for_cli(instance_ref=deserialize_value(instance_ref, InstanceRef)) as instance:
+            hold_storage_connections(instance)  # every event of the run is a write: one connection, not one each
             # before RUN_START, so run monitoring never sees a STARTED run without them (the launcher's may lag)
             instance.add_run_tags(run_id, Worker(_host(), os.getpid(), process_start(os.getpid()) or "").tags())
             # _execute_run_command_body starts it only for instances that ask; a terminate from another host needs it
