@@ -304,6 +304,11 @@ class ApiProcess:
     process: ServiceProcess
 
 
+def post_export(api_url: str, secret: str, **body: Any) -> httpx.Response:
+    """``POST /api/v1/exports`` to a running ``pulse-exports serve`` with an API key; the response as it came."""
+    return httpx.post(f"{api_url}/api/v1/exports", json=body, headers={"Authorization": f"Bearer {secret}"}, timeout=60)
+
+
 @pytest.fixture(scope="module")
 def api_process(dagster_services: DagsterServices) -> Iterator[ApiProcess]:
     """The product API (``pulse-exports serve``) launching runs through the webserver's GraphQL API."""

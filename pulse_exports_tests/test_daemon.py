@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import httpx
 import psycopg
 import pytest
 import yaml
@@ -37,6 +36,7 @@ from pulse_exports_tests.dagster_processes import (
     ApiProcess,
     DagsterServices,
     instance_yaml,
+    post_export,
     wait_for,
 )
 
@@ -172,12 +172,7 @@ def test_a_queued_run_wakes_the_queue_daemon_from_the_sensor_and_from_the_api(
     assert leaves_the_queue(str(by_sensor.id)) in ("STARTING", "STARTED", "SUCCESS")
     # Only now: a dequeue for the sensor's run must not be what starts the API's.
     secret = ApiKeyStore(dagster_services.database_url).create("tenant-002", name="daemon test").secret
-    posted = httpx.post(
-        f"{api_process.url}/api/v1/exports",
-        json={"export_type": "devices", "format": "csv"},
-        headers={"Authorization": f"Bearer {secret}"},
-        timeout=60,
-    )
+    posted = post_export(api_process.url, secret, export_type="devices", format="csv")
     assert posted.status_code == 202, posted.text
     assert posted.json()["launch"] == "launched"
     assert leaves_the_queue(posted.json()["export_id"]) in ("STARTING", "STARTED", "SUCCESS")

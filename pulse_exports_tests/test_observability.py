@@ -24,7 +24,7 @@ from prometheus_client.samples import Sample
 
 from pulse_exports.apikeys import ApiKeyStore
 from pulse_exports.logs import formatter, log_context
-from pulse_exports_tests.dagster_processes import ServiceProcess, wait_for
+from pulse_exports_tests.dagster_processes import ServiceProcess, post_export, wait_for
 from pulse_exports_tests.export_fixtures import s3_storage
 from pulse_exports_tests.exports_harness import ExportHarness
 from pulse_exports_tests.servers import S3Endpoint, _free_ports
@@ -279,12 +279,7 @@ def test_serve_writes_json_log_lines_to_stderr(seeded_database_url: str, tmp_pat
     secret = ApiKeyStore(seeded_database_url).create(TENANT, name="logs").secret
     try:
         wait_for("the API", lambda: httpx.get(f"{url}/api/v1/health", timeout=10).status_code, [process], timeout=90)
-        response = httpx.post(
-            f"{url}/api/v1/exports",
-            json={"export_type": "devices", "format": "csv"},
-            headers={"Authorization": f"Bearer {secret}"},
-            timeout=30,
-        )
+        response = post_export(url, secret, export_type="devices", format="csv")
         assert response.status_code == 202, response.text
     finally:
         process.stop()
