@@ -259,6 +259,54 @@ def test_begun_upload_sends_full_chunks_while_the_file_grows(
     assert unfinished_uploads(s3_endpoint.client(), s3_bucket) == []
 
 
+def _sent_headers(client: Any, operation: str) -> list[dict[str, str]]:
+    """The HTTP headers of each ``operation`` request the client sends from now on."""
+    sent: list[dict[str, str]] = []
+
+    def record(request: Any, **_: Any) -> None:
+        sent.append({k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()})
+
+    client.meta.events.register(f"before-send.s3.{operation}", record)
+    return sent
+
+
+def test_upload_pieces_are_sent_as_bytes_and_the_object_keeps_its_content_type(
+    small_part_store: S3ExportStore, small_part_client: Any, tmp_path: Path, s3_endpoint: S3Endpoint, s3_bucket: str
+) -> None:
+    sent = _sent_headers(small_part_client, "UploadPart")
+    path = tmp_path / "rows.csv"
+    path.write_bytes(b"id,name\r\n" + b"".join(b"%d,device-%d\r\n" % (i, i) for i in range(700_000)))
+    upload = small_part_store.begin_upload("t/e/rows.csv", path, content_type="text/csv")
+    upload.finish()
+
+    assert len(sent) >= 2 and {h["content-type"] for h in sent} == {"application/octet-stream"}
+    head = s3_endpoint.client().head_object(Bucket=s3_bucket, Key="exports/t/e/rows.csv")
+    assert head["ContentType"] == "text/csv" and head["ContentLength"] == path.stat().st_size
+    assert small_part_store.get_bytes("t/e/rows.csv") == path.read_bytes()
+
+
+def test_plain_http_endpoints_rely_on_the_signed_sha256_and_https_ones_keep_crc32(
+    s3_endpoint: S3Endpoint, s3_storage_url: str, big_file: Path
+) -> None:
+    store = s3_store_from_url(s3_storage_url, s3_endpoint)
+    assert isinstance(store, S3ExportStore) and s3_endpoint.url.startswith("http://")
+    pieces, puts = _sent_headers(store._client, "UploadPart"), _sent_headers(store._client, "PutObject")
+    store.begin_upload("t/e/big.bin", big_file).finish()  # 20 MiB: 8 MiB pieces of a multipart upload
+    store.put_bytes("t/e/small.csv", b"id\r\n1\r\n", content_type="text/csv")
+    assert len(pieces) == 3 and len(puts) == 1
+    sent = pieces + puts
+    assert all(h["x-amz-content-sha256"] != "UNSIGNED-PAYLOAD" for h in sent)  # the body's hash is signed
+    assert not [name for h in sent for name in h if name.startswith("x-amz-checksum-")]
+    assert {h["content-type"] for h in pieces} == {"application/octet-stream"} and puts[0]["content-type"] == "text/csv"
+    target = big_file.with_suffix(".back")
+    store.download_file("t/e/big.bin", target)
+    assert sha256_of(target) == sha256_of(big_file)
+
+    secure = store_from_url(s3_storage_url, endpoint_url="https://s3.example.invalid", region_name="us-east-1")
+    assert isinstance(secure, S3ExportStore)
+    assert secure._client.meta.config.request_checksum_calculation == "when_supported"
+
+
 def test_begun_upload_of_a_small_file_is_one_put(
     small_part_store: S3ExportStore, part_calls: list[int], tmp_path: Path
 ) -> None:
