@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.measure import run_measured
+from bench.measure import cpu_seconds, run_measured
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,6 +90,7 @@ class Environment:
     psql: Path
     dagster_home: Path
     s3: Any | None = None  # servers.S3Endpoint
+    s3_server_pid: int | None = None  # the SeaweedFS the benchmark started (none for --s3-endpoint)
     s3_bucket: str = "pulse-bench"
     _stores: dict[str, Any] = field(default_factory=dict)
     _defs: dict[tuple[str, str], Any] = field(default_factory=dict)
@@ -211,6 +212,8 @@ class ContenderFailed(RuntimeError):
 def measure(contender: Contender, target: Target, env: Environment) -> dict[str, Any]:
     """Run the contender once on the target's rows; returns one result record."""
     env.pause_stacks((target.database_url, contender.storage) if contender.kind == "warm" else None)
+    s3_server = env.s3_server_pid if contender.storage == "s3" else None
+    s3_cpu_before = cpu_seconds(s3_server) if s3_server else 0.0
     if contender.kind == "psql":
         record = _measure_psql(target, env)
     elif contender.kind == "naive":
@@ -221,6 +224,9 @@ def measure(contender: Contender, target: Target, env: Environment) -> dict[str,
         record = _measure_pulse(contender, target, env)
     if record["rows"] != target.rows:
         raise ContenderFailed(f"{contender.key} exported {record['rows']} rows, expected {target.rows}")
+    if s3_server:
+        # It shares the machine's cores with the export: its CPU is part of what an S3 contender waits for.
+        record["s3_server_cpu_seconds"] = cpu_seconds(s3_server) - s3_cpu_before
     return {"contender": contender.key, **record}
 
 

@@ -77,6 +77,8 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
             ):
                 if values := [r[name] for r in good if r.get(name) is not None]:
                     row[name] = _spread(values)
+            if values := [r["s3_server_cpu_seconds"] for r in good if r.get("s3_server_cpu_seconds") is not None]:
+                row["s3_server_cpu"] = _spread(values)
             for name in ("peak_anon", "peak_private", "zygote_rss"):
                 if values := [r[name] / MiB for r in good if r.get(name)]:
                     row[name + "_mib"] = _spread(values)
@@ -124,6 +126,15 @@ def _own_memory(row: dict[str, Any]) -> str:
     if own := row.get("peak_private_mib"):
         return f"; of it, private to the forked worker {own[2]:.0f} MiB at most"
     return ""
+
+
+def s3_server_cpu(summary: list[dict[str, Any]], size: int) -> list[str]:
+    """Per S3 contender, the CPU the benchmark's own S3 server spent on its export (it shares the cores)."""
+    return [
+        f"- {row['label']}: {_fmt_spread(row['s3_server_cpu'])} s for {row['output_mib']:.1f} MiB"
+        for row in summary
+        if row["scale"] == size and row.get("s3_server_cpu")
+    ]
 
 
 def psql_plans(results: dict[str, Any]) -> list[str]:
@@ -339,6 +350,15 @@ def markdown(results: dict[str, Any], summary: list[dict[str, Any]], images: lis
             "The worker is forked, so its VmHWM counts the pages it shares with the zygote (Dagster, Polars, "
             "pyarrow, connectorx, our code, imported once); *private* is the most `Private_Clean + "
             "Private_Dirty` seen in its `smaps_rollup` (every 100 ms): what one more concurrent export adds.",
+            "",
+        ]
+    if s3_cpu := s3_server_cpu(summary, main_rows):
+        parts += [
+            "The S3 server runs on this machine (SeaweedFS, unless `--s3-endpoint` named another on loopback), "
+            "so the CPU it spends receiving an export is taken from the export's cores; a deployment's S3 runs "
+            "elsewhere. Its CPU (user + system, `/proc/<pid>/stat`) during each S3 export, median (min–max):",
+            "",
+            *s3_cpu,
             "",
         ]
     if plans := psql_plans(results):

@@ -108,14 +108,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             server_url, args.database_url is not None, "pulse_bench",
             tenants=args.tenants, devices=args.devices, telemetry_rows=args.telemetry_rows, tenant_rows=args.rows,
         )  # fmt: skip
-        s3 = None
+        s3 = s3_pid = None
         if any(c.storage == "s3" and c.kind in ("pulse", "warm") for c in [*contenders, *scaling_contenders]):
-            s3 = _s3_endpoint(args, workdir, stack)
+            s3, s3_pid = _s3_endpoint(args, workdir, stack)
         dagster_home = Path(tempfile.mkdtemp(prefix="pulse-bench-dagster-"))
         stack.callback(shutil.rmtree, dagster_home, ignore_errors=True)
         (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
         os.environ["DAGSTER_HOME"] = str(dagster_home)
-        env = Environment(workdir=workdir, psql=_psql(), dagster_home=dagster_home, s3=s3)
+        env = Environment(workdir=workdir, psql=_psql(), dagster_home=dagster_home, s3=s3, s3_server_pid=s3_pid)
         stack.callback(env.close)
         if s3 is not None:
             client = s3.client()
@@ -275,13 +275,41 @@ def _seeded_scale(url: str) -> tuple[int, int, int] | None:
     return (int(row[0]), int(row[1]), int(row[2]))
 
 
-def _s3_endpoint(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> Any:
+def _s3_endpoint(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> tuple[Any, int | None]:
+    """The S3 endpoint, and the pid of its server when that runs on this machine (its CPU is measured)."""
     from pulse_exports_tests.servers import S3Endpoint, SeaweedS3
 
     if args.s3_endpoint:
-        return S3Endpoint(args.s3_endpoint, args.s3_access_key, args.s3_secret_key)
+        return S3Endpoint(args.s3_endpoint, args.s3_access_key, args.s3_secret_key), local_server_pid(args.s3_endpoint)
     shutil.rmtree(workdir / "seaweedfs", ignore_errors=True)
-    return stack.enter_context(SeaweedS3(workdir / "seaweedfs"))
+    server = SeaweedS3(workdir / "seaweedfs")
+    endpoint = stack.enter_context(server)
+    return endpoint, server.pid
+
+
+def local_server_pid(url: str) -> int | None:
+    """The process listening on a loopback URL's port, or None (another host, or not visible to us)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    import psutil
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        return None
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return int(conn.pid)
+    except psutil.AccessDenied:
+        pass
+    return None
 
 
 def _psql() -> Path:

@@ -182,6 +182,11 @@ class SeaweedS3:
             time.sleep(0.1)
         raise TimeoutError(f"SeaweedFS S3 not ready after {timeout}s ({last_error!r}):\n{self.log_tail()}")
 
+    @property
+    def pid(self) -> int | None:
+        """The running ``weed`` process (master, volume, filer and S3 gateway in one), if started."""
+        return self._process.pid if self._process is not None else None
+
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 

@@ -66,6 +66,13 @@ def test_bench_runs_every_contender_and_writes_its_report(bench_results: tuple[d
         assert 1 << 20 < run["peak_anon"] < run["peak_rss"], run  # its own heap, within its resident peak
     pulse = [r for r in main if r["contender"].startswith("pulse-")]
     assert all(0 < r["first_row_seconds"] < r["seconds"] for r in pulse)
+    # the S3 server listens on loopback here: its CPU during each S3 export is measured, and only for those
+    assert (
+        {r["contender"] for r in main if "s3_server_cpu_seconds" in r}
+        == {r["contender"] for r in pulse if r["contender"].endswith("-s3")}
+        != set()
+    )
+    assert all(r["s3_server_cpu_seconds"] > 0 for r in main if "s3_server_cpu_seconds" in r)
     warm_runs = [r for r in main if r["contender"] in WARM]
     assert len(warm_runs) == len(WARM)
     for warm in warm_runs:
@@ -82,5 +89,6 @@ def test_bench_runs_every_contender_and_writes_its_report(bench_results: tuple[d
     assert "API + warm launcher" in report and "through the API's GraphQL launch (warm launcher" in report
     assert "sensor + warm launcher" in report and "(`pulse-exports daemon`, warm launcher)" in report
     assert "its own memory (RssAnon, sampled)" in report or "private to the forked worker" in report
+    assert "The S3 server runs on this machine" in report and "MiB\n" in report
     assert "psql's plan" in report and "× psql" in report and "### Targets" in report and "### Scaling" in report
     assert (docs / "img" / "benchmark.png").stat().st_size > 10_000
