@@ -18,8 +18,9 @@ import dagster as dg
 import psycopg
 
 from pulse_exports.catalog import ExportRequest, ExportRequestError
+from pulse_exports.db import HeldConnection
 from pulse_exports.heartbeat import Heartbeat
-from pulse_exports.jobstore import ExportJob
+from pulse_exports.jobstore import ExportJob, JobStore
 from pulse_exports.pipeline import (
     SLICE_SESSION_OPTIONS,
     ConcurrentCheck,
@@ -106,7 +107,8 @@ def plan_export(
     context: dg.OpExecutionContext, claimed: dict, database: PulseDatabase, settings: ExportSettings
 ) -> dict:
     export_id = claimed["export_id"]
-    with failing_job_on_error(database, export_id, context.run_id, "plan"), _heartbeat(database, settings, context):
+    jobs = database.jobs()
+    with failing_job_on_error(database, export_id, context.run_id, "plan"), _heartbeat(jobs, settings, context):
         job = _job(database, export_id)
         quota = settings.quotas().for_tenant(job.tenant_id)
         catalog = database.catalog()
@@ -118,7 +120,7 @@ def plan_export(
                 **_slicing(job, settings),
             )
         estimate = plan.estimated_rows if job.row_limit is None else min(plan.estimated_rows, job.row_limit)
-        database.jobs().set_estimate(job.id, estimate)
+        jobs.set_estimate(job.id, estimate)
     sampled = " (metric columns from a sample, checked while exporting)" if plan.metrics_sampled else ""
     context.log.info(f"plan: {len(plan.columns)} columns, about {estimate} rows{sampled}")
     return {
@@ -144,9 +146,15 @@ def extract_and_write(
 ) -> dict:
     export_id = plan["export_id"]
     run_id = context.run_id
-    with failing_job_on_error(database, export_id, run_id, "extract"), _heartbeat(database, settings, context) as beat:
+    # Progress reports, heartbeats and ownership checks share one session; marking the job FAILED takes
+    # a new one (the held one may be what broke).
+    with (
+        HeldConnection(database.url) as held,
+        failing_job_on_error(database, export_id, run_id, "extract"),
+        _heartbeat(database.jobs(held), settings, context) as beat,
+    ):
         job = _job(database, export_id)
-        jobs = database.jobs()
+        jobs = database.jobs(held)
         limits = PartLimits(
             max_rows=int(job.options.get("part_max_rows", settings.part_max_rows)),
             max_bytes=int(job.options.get("part_max_bytes", settings.part_max_bytes)),
@@ -248,8 +256,8 @@ def _since(started_at: datetime | None) -> float:
     return round((datetime.now(timezone.utc) - started_at).total_seconds(), 3) if started_at else 0.0
 
 
-def _heartbeat(database: PulseDatabase, settings: ExportSettings, context: dg.OpExecutionContext) -> Heartbeat:
-    jobs, export_id, run_id = database.jobs(), uuid.UUID(context.partition_key), context.run_id
+def _heartbeat(jobs: JobStore, settings: ExportSettings, context: dg.OpExecutionContext) -> Heartbeat:
+    export_id, run_id = uuid.UUID(context.partition_key), context.run_id
     return Heartbeat(lambda: jobs.heartbeat(export_id, run_id), settings.heartbeat_interval_seconds)
 
 

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from pulse_exports.callbacks import CallbackPolicy
 from pulse_exports.catalog import Catalog, OperatorTable
+from pulse_exports.db import ConnectionSource
 from pulse_exports.jobstore import JobStore
 from pulse_exports.quotas import Quotas
 from pulse_exports.storage import ExportStore, store_from_url
@@ -26,8 +27,9 @@ class PulseDatabase(dg.ConfigurableResource):
         default=None, description="PULSE_EXPORT_TABLES: a JSON list of operator tables; unset reads the env."
     )
 
-    def jobs(self) -> JobStore:
-        return JobStore(self.url)
+    def jobs(self, connections: ConnectionSource | None = None) -> JobStore:
+        """The export_jobs store: a short connection per call, or ``connections``' (e.g. a ``HeldConnection``)."""
+        return JobStore(self.url, connections)
 
     def source(self) -> str:
         return self.source_url or os.environ.get("PULSE_SOURCE_DATABASE_URL") or self.url

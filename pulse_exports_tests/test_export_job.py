@@ -16,6 +16,7 @@ import zstandard
 
 from pulse_exports.jobstore import JobStore
 from pulse_exports.local_runs import execute_export_run, run_pending_exports, tick_export_sensor
+from pulse_exports.resources import ExportSettings
 from pulse_exports.storage import ExportStore
 
 from .exports_harness import ExportHarness
@@ -144,6 +145,34 @@ def test_metric_key_or_type_beyond_the_sample_still_gets_its_column(
     assert rows[-1]["rssi"] == str(late_metrics.get("rssi", ""))
     assert {"name": "rssi", "type": rssi_type} in done.manifest["columns"]
     assert len(rows) == len(source_telemetry(exports.database_url, TENANT))
+
+
+def _sessions_and_job_updates(database_url: str) -> tuple[int, int]:
+    """PostgreSQL sessions opened on the database so far, and rows of export_jobs updated (closed backends
+    have flushed their counts; this one's own session is counted once it has ended)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT (SELECT sessions FROM pg_stat_database WHERE datname = current_database()),"
+            " (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'export_jobs')"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def test_progress_reports_heartbeats_and_ownership_checks_share_one_session(exports: ExportHarness) -> None:
+    exports.settings = ExportSettings(heartbeat_interval_seconds=0.01)
+    job = exports.submit(tenant_id=TENANT, export_type="telemetry", format="csv", options={"part_max_rows": 50})
+    before = _sessions_and_job_updates(exports.database_url)
+    assert [r.success for r in exports.run_sensor_and_runs()] == [True]
+    done = exports.jobs.get(job.id)
+    assert done is not None and done.status == "COMPLETED", done and done.error
+    assert len(done.manifest["parts"]) > 20  # each part: an ownership check before it is published, a progress report
+    after = _sessions_and_job_updates(exports.database_url)
+    sessions, updates = after[0] - before[0], after[1] - before[1]
+    # Each progress report and heartbeat updates the job row: as a session each, that was 135 sessions for
+    # 91 updates here. The sensor, claim, plan, source query, metric check, finish and these reads take ~16.
+    assert updates > len(done.manifest["parts"]) + 10, (sessions, updates)
+    assert sessions < 30 < updates, (sessions, updates)
 
 
 def test_devices_export_keeps_columns_chosen_and_lists(exports: ExportHarness) -> None:
