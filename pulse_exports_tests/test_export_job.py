@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import json
+import time
 from typing import Any
 
 import psycopg
@@ -148,15 +149,22 @@ def test_metric_key_or_type_beyond_the_sample_still_gets_its_column(
 
 
 def _sessions_and_job_updates(database_url: str) -> tuple[int, int]:
-    """PostgreSQL sessions opened on the database so far, and rows of export_jobs updated (closed backends
-    have flushed their counts; this one's own session is counted once it has ended)."""
+    """PostgreSQL sessions opened on the database so far, and rows of export_jobs updated. A backend reports
+    its counts as it exits, a moment after its client closed it: read until two reads agree."""
     with psycopg.connect(database_url, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT (SELECT sessions FROM pg_stat_database WHERE datname = current_database()),"
-            " (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'export_jobs')"
-        ).fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1])
+        last: tuple[int, int] | None = None
+        for _ in range(25):
+            row = conn.execute(
+                "SELECT (SELECT sessions FROM pg_stat_database WHERE datname = current_database()),"
+                " (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'export_jobs')"
+            ).fetchone()
+            assert row is not None
+            if (int(row[0]), int(row[1])) == last:
+                break
+            last = (int(row[0]), int(row[1]))
+            time.sleep(0.2)
+    assert last is not None
+    return last
 
 
 def test_progress_reports_heartbeats_and_ownership_checks_share_one_session(exports: ExportHarness) -> None:
