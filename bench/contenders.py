@@ -90,7 +90,7 @@ class Environment:
     psql: Path
     dagster_home: Path
     s3: Any | None = None  # servers.S3Endpoint
-    s3_server_pid: int | None = None  # the SeaweedFS the benchmark started (none for --s3-endpoint)
+    s3_server_pid: int | None = None  # the S3 server's process when it runs here (its CPU is measured)
     s3_bucket: str = "pulse-bench"
     _stores: dict[str, Any] = field(default_factory=dict)
     _defs: dict[tuple[str, str], Any] = field(default_factory=dict)

@@ -68,17 +68,16 @@ def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
             firsts = [r["first_row_seconds"] for r in good if r.get("first_row_seconds") is not None]
             if firsts:
                 row["first_row"] = _spread(firsts)
-            for name in (  # the warm contenders' timeline
+            for name in (  # the warm contenders' timeline, and the S3 server's CPU
                 "post_seconds",
                 "dequeued_seconds",
                 "run_start_seconds",
                 "claim_seconds",
                 "worker_exit_seconds",
+                "s3_server_cpu_seconds",
             ):
                 if values := [r[name] for r in good if r.get(name) is not None]:
                     row[name] = _spread(values)
-            if values := [r["s3_server_cpu_seconds"] for r in good if r.get("s3_server_cpu_seconds") is not None]:
-                row["s3_server_cpu"] = _spread(values)
             for name in ("peak_anon", "peak_private", "zygote_rss"):
                 if values := [r[name] / MiB for r in good if r.get(name)]:
                     row[name + "_mib"] = _spread(values)
@@ -131,9 +130,9 @@ def _own_memory(row: dict[str, Any]) -> str:
 def s3_server_cpu(summary: list[dict[str, Any]], size: int) -> list[str]:
     """Per S3 contender, the CPU the benchmark's own S3 server spent on its export (it shares the cores)."""
     return [
-        f"- {row['label']}: {_fmt_spread(row['s3_server_cpu'])} s for {row['output_mib']:.1f} MiB"
+        f"- {row['label']}: {_fmt_spread(row['s3_server_cpu_seconds'])} s for {row['output_mib']:.1f} MiB"
         for row in summary
-        if row["scale"] == size and row.get("s3_server_cpu")
+        if row["scale"] == size and row.get("s3_server_cpu_seconds")
     ]
 
 
